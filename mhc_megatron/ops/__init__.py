@@ -1,0 +1,46 @@
+"""The mHC maths as a functional API (pure PyTorch references).
+
+Everything a layer needs, with the spec's notation (``x`` is the n-stream residual ``[..., n, C]``):
+
+* :func:`mhc_coefficients` / :func:`hc_coefficients`: ``H_pre``, ``H_post``, ``H_res`` per token;
+* :func:`sinkhorn_knopp`: projection of ``H_res`` logits onto doubly stochastic matrices;
+* :func:`mhc_pre`: the sublayer input ``H_pre · x``;
+* :func:`mhc_post_res`: the next residual ``H_res · x + H_post^T · F(...)``;
+* :func:`expand_streams` / :func:`contract_streams`: model entry and exit;
+* :func:`amax_gain`, :func:`composite_mapping`, :func:`composite_amax_gain`: stability diagnostics;
+* :func:`init_mhc_parameters` / :func:`init_hc_parameters`: initial parameters of one sublayer.
+"""
+
+from ._checks import check_expansion_rate, check_iters
+from .coefficients import hc_coefficients, mhc_coefficients, num_coefficients
+from .gain import amax_gain, composite_amax_gain, composite_mapping
+from .init import (
+    DEFAULT_ALPHA,
+    HCParameters,
+    MHCParameters,
+    init_hc_parameters,
+    init_mhc_parameters,
+)
+from .sinkhorn import sinkhorn_knopp
+from .streams import contract_streams, expand_streams, mhc_post_res, mhc_pre
+
+__all__ = [
+    "DEFAULT_ALPHA",
+    "HCParameters",
+    "MHCParameters",
+    "amax_gain",
+    "check_expansion_rate",
+    "check_iters",
+    "composite_amax_gain",
+    "composite_mapping",
+    "contract_streams",
+    "expand_streams",
+    "hc_coefficients",
+    "init_hc_parameters",
+    "init_mhc_parameters",
+    "mhc_coefficients",
+    "mhc_post_res",
+    "mhc_pre",
+    "num_coefficients",
+    "sinkhorn_knopp",
+]

@@ -1,0 +1,53 @@
+"""Stability diagnostics (spec section 6): Amax gain magnitudes of stream-mixing matrices."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+
+def _check_square(m: torch.Tensor, name: str) -> None:
+    if m.dim() < 2 or m.shape[-1] != m.shape[-2]:
+        raise ValueError(f"{name} expects matrices [..., n, n], got shape {tuple(m.shape)}")
+
+
+def amax_gain(m: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(forward_gain, backward_gain)`` of mapping matrices ``[..., n, n]``.
+
+    Forward gain: the largest absolute row sum (how much ``x -> M x`` can amplify a signal);
+    backward gain: the largest absolute column sum (the same for gradients, ``g -> M^T g``).
+    Each is averaged over the leading dims (tokens). Returns 0-dim float tensors.
+    """
+    _check_square(m, "amax_gain")
+    a = m.detach().abs().to(torch.float64 if m.dtype == torch.float64 else torch.float32)
+    return a.sum(dim=-1).amax(dim=-1).mean(), a.sum(dim=-2).amax(dim=-1).mean()
+
+
+def composite_mapping(
+    h_res_layers: Sequence[torch.Tensor] | torch.Tensor, cumulative: bool = False
+) -> torch.Tensor:
+    """Product of per-layer mixing matrices, first layer rightmost: ``H_{L-1} ... H_1 H_0``.
+
+    ``h_res_layers`` is a sequence of L tensors ``[..., n, n]`` (or one ``[L, ..., n, n]``
+    tensor). With ``cumulative=True`` returns every prefix product ``[L, ..., n, n]`` (entry l
+    maps the model input to the output of layer l), else the full product ``[..., n, n]``.
+    """
+    layers = list(h_res_layers)
+    if not layers:
+        raise ValueError("composite_mapping needs at least one layer")
+    for m in layers:
+        _check_square(m, "composite_mapping")
+    prod = layers[0]
+    prefixes = [prod]
+    for m in layers[1:]:
+        prod = m @ prod
+        prefixes.append(prod)
+    return torch.stack(prefixes) if cumulative else prod
+
+
+def composite_amax_gain(
+    h_res_layers: Sequence[torch.Tensor] | torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Amax gains of the composite mapping over all layers (see :func:`amax_gain`)."""
+    return amax_gain(composite_mapping(h_res_layers))

@@ -1,0 +1,63 @@
+"""Moving activations between the n-stream residual and the C-wide sublayer (spec section 1).
+
+These are the pure PyTorch references: fp32 arithmetic, results in the activation dtype.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ._checks import check_expansion_rate, check_shape, check_streams, compute_dtype
+
+
+def mhc_pre(x: torch.Tensor, h_pre: torch.Tensor) -> torch.Tensor:
+    """Sublayer input ``H_pre · x``: ``[..., n, C]`` and ``[..., n]`` -> ``[..., C]``."""
+    n, _ = check_streams(x)
+    check_shape(h_pre, x.shape[:-1], "h_pre", "x.shape[:-1], one weight per stream")
+    dt = compute_dtype(x)
+    return torch.einsum("...n,...nc->...c", h_pre.to(dt), x.to(dt)).to(x.dtype)
+
+
+def mhc_post_res(
+    x: torch.Tensor, f: torch.Tensor, h_post: torch.Tensor, h_res: torch.Tensor
+) -> torch.Tensor:
+    """Next residual ``H_res · x + H_post^T · f``.
+
+    Shapes: x ``[..., n, C]``, f ``[..., C]`` (the sublayer output), h_post ``[..., n]``,
+    h_res ``[..., n, n]``; returns ``[..., n, C]`` in the dtype of ``x``.
+    """
+    n, C = check_streams(x)
+    lead = x.shape[:-2]
+    check_shape(f, (*lead, C), "f", "the sublayer output, x.shape[:-2] + (C,)")
+    check_shape(h_post, (*lead, n), "h_post", "x.shape[:-1]")
+    check_shape(h_res, (*lead, n, n), "h_res", "x.shape[:-2] + (n, n)")
+    dt = compute_dtype(x)
+    mixed = torch.einsum("...ij,...jc->...ic", h_res.to(dt), x.to(dt))
+    out = mixed + h_post.to(dt).unsqueeze(-1) * f.to(dt).unsqueeze(-2)
+    return out.to(x.dtype)
+
+
+def expand_streams(h: torch.Tensor, n: int) -> torch.Tensor:
+    """Model entry: copy ``h`` ``[..., C]`` into n streams ``[..., n, C]``.
+
+    Returns a broadcast view (no copy); ``reshape``/``contiguous`` materialises it.
+    """
+    n = check_expansion_rate(n)
+    if h.dim() < 1:
+        raise ValueError(f"expand_streams expects [..., C], got a scalar of shape {tuple(h.shape)}")
+    return h.unsqueeze(-2).expand(*h.shape[:-1], n, h.shape[-1])
+
+
+def contract_streams(x: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
+    """Model exit: ``[..., n, C]`` -> ``[..., C]`` by the mean (default) or sum of the streams.
+
+    The mean makes the exit of a model whose streams are identical copies (as at initialisation)
+    equal to the residual model's hidden state; the final norm makes the two choices differ only
+    in scale.
+    """
+    check_streams(x)
+    if reduction == "mean":
+        return x.mean(dim=-2)
+    if reduction == "sum":
+        return x.sum(dim=-2)
+    raise ValueError(f"contract_streams reduction must be 'mean' or 'sum', got {reduction!r}")
