@@ -9,3 +9,18 @@ def _fresh_seed(request):
     torch.manual_seed(seed)
     request.node.user_properties.append(("torch_seed", seed))
     yield
+
+
+@pytest.fixture(scope="session")
+def megatron_world():
+    """A single-process gloo world with megatron-core's model-parallel state (TP = PP = 1)."""
+    import torch.distributed as dist
+
+    from mcore_helpers import free_port, init_megatron
+
+    init_megatron(0, 1, free_port())
+    yield
+    from megatron.core import parallel_state
+
+    parallel_state.destroy_model_parallel()
+    dist.destroy_process_group()

@@ -93,7 +93,8 @@ def test_parameter_shapes_and_values():
     p = init_mhc_parameters(4, 16, res_diag=5.0)
     assert p.phi.shape == (64, num_coefficients(4)) and p.bias.shape == (24,) and p.alpha.shape == (3,)
     assert torch.equal(p.alpha, torch.full((3,), 0.01))
-    assert torch.equal(p.bias[:8], torch.zeros(8))
+    torch.testing.assert_close(torch.sigmoid(p.bias[:4]), torch.full((4,), 0.25))  # H_pre = 1/n
+    assert torch.equal(p.bias[4:8], torch.zeros(4))  # H_post = 1
     assert torch.equal(p.bias[8:].view(4, 4), 5.0 * torch.eye(4))
     assert abs(p.phi.std().item() - 1 / 8) < 0.02
 

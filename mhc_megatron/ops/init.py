@@ -47,7 +47,11 @@ def init_mhc_parameters(
 
     The paper fixes only the gates (``alpha = 0.01``). Our choices for the rest:
 
-    * ``bias = 0`` for pre and post: ``H_pre = 1/2`` per stream, ``H_post = 1``.
+    * ``bias_pre = logit(1/n)``: ``H_pre = 1/n`` per stream, so the sublayer input is the mean
+      of the streams (for ``n = 1``, where ``logit(1)`` does not exist, ``bias_pre = 0`` and
+      ``H_pre = 1/2``). Megatron's pre-norms have an epsilon comparable to the square of its
+      small initial activations, so the scale of ``H_pre · x`` is not irrelevant.
+    * ``bias_post = 0``: ``H_post = 2 sigmoid(0) = 1``.
     * ``bias_res = res_diag * I``: with the default 0, ``H_res`` starts as the uniform ``1/n``
       matrix (upstream Megatron's choice); ``res_diag`` of about 4 to 8 starts it close to the
       identity instead (the demo can compare both).
@@ -59,11 +63,10 @@ def init_mhc_parameters(
       (``n = 1``) there is no symmetry to break and ``phi`` starts at zero.
 
     Why this is a residual layer at the start: with identical streams ``x_i = h``, every row of
-    ``H_res`` sums to 1, so ``H_res x = x``; ``H_post ~ 1`` adds ``F`` to every stream; and
-    ``H_pre x ~ (n/2) h`` only rescales the input of a pre-norm sublayer ``F``, which its
-    norm removes: every stream becomes ``h + F(h)``. For ``n = 1`` this is exact: ``H_res = 1``
-    (a 1x1 Sinkhorn is always 1), ``H_post = 2 sigmoid(0) = 1`` and ``F(h/2) = F(h)`` for a
-    scale-invariant ``F``.
+    ``H_res`` sums to 1, so ``H_res x = x``; ``H_pre x = h`` (the mean); ``H_post ~ 1`` adds
+    ``F(h)`` to every stream: every stream becomes ``h + F(h)`` up to the small dynamic part.
+    For ``n = 1``: ``H_res = 1`` (a 1x1 Sinkhorn is always 1), ``H_post = 1`` exactly and
+    ``F(h/2) = F(h)`` for a scale-invariant pre-norm ``F``, so the layer is ``x + F(x)``.
     """
     n = check_expansion_rate(n)
     hidden = _check_hidden(hidden)
@@ -76,6 +79,8 @@ def init_mhc_parameters(
     else:
         phi.zero_()
     bias = torch.zeros(m, dtype=dtype, device=device)
+    if n > 1:
+        bias[:n] = math.log(1.0 / (n - 1))  # logit(1/n)
     bias[2 * n :].view(n, n).diagonal().fill_(res_diag)
     gates = torch.full((3,), float(alpha), dtype=dtype, device=device)
     return MHCParameters(phi, bias, gates)

@@ -1,0 +1,27 @@
+"""megatron-core glue: mHC settings, modules and layer/block specs."""
+
+from .coefficients import HCCoefficients, MHCCoefficients
+from .settings import RESIDUAL_MODES, MHCSettings, check_transformer_config
+from .specs import (
+    get_mhc_gpt_decoder_block_spec,
+    get_mhc_gpt_layer_local_block_spec,
+    mhc_block_spec,
+    mhc_layer_spec,
+)
+from .sublayer import MHCResidual, MHCStreamContraction, MHCSublayerInput, MHCSublayerOutput
+
+__all__ = [
+    "RESIDUAL_MODES",
+    "HCCoefficients",
+    "MHCCoefficients",
+    "MHCResidual",
+    "MHCSettings",
+    "MHCStreamContraction",
+    "MHCSublayerInput",
+    "MHCSublayerOutput",
+    "check_transformer_config",
+    "get_mhc_gpt_decoder_block_spec",
+    "get_mhc_gpt_layer_local_block_spec",
+    "mhc_block_spec",
+    "mhc_layer_spec",
+]

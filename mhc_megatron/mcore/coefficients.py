@@ -1,0 +1,113 @@
+"""Modules that own one sublayer's coefficient parameters and compute H_pre, H_post, H_res.
+
+Two implementations with one interface (``forward(x [..., n, C]) -> (h_pre, h_post, h_res)``),
+chosen by spec: :class:`MHCCoefficients` (Sinkhorn-constrained) and :class:`HCCoefficients`
+(unconstrained Hyper-Connections, for comparison).
+
+The parameters are small and replicated on every tensor-parallel rank. They are created on the
+CPU from the default generator (as megatron-core's MoE router does), which Megatron seeds alike
+on all tensor-parallel ranks, so every rank starts with the same values. With sequence
+parallelism each rank sees other tokens, so their gradients are marked ``sequence_parallel``
+and megatron-core all-reduces them over the tensor-parallel group
+(``finalize_model_grads``). Without sequence parallelism every rank computes the same gradient.
+
+They stay in float32 when Megatron casts the model to bf16/fp16 (``Float16Module``): the spec
+asks for fp32 coefficient maths with fp32 ``phi``, and the optimizer keeps fp32 parameters of a
+half-precision model as their own main parameters.
+"""
+
+from __future__ import annotations
+
+import torch
+from megatron.core.transformer.module import MegatronModule
+
+from .. import ops
+from .settings import MHCSettings
+
+
+class _Coefficients(MegatronModule):
+    """Shared plumbing: fp32 parameters, replication flags, the optional finiteness check."""
+
+    def __init__(self, config, hidden_size: int, settings: MHCSettings, sublayer_index: int):
+        super().__init__(config=config)
+        self.settings = settings
+        self.n = settings.expansion_rate
+        self.hidden_size = hidden_size
+        self.sublayer_index = sublayer_index
+        self._create_parameters()
+        if config.perform_initialization:
+            self.reset_parameters()
+        for p in self.parameters(recurse=False):
+            p.sequence_parallel = bool(config.sequence_parallel)
+
+    def forward(self, x: torch.Tensor):
+        h = self.compute(x)
+        if self.settings.check_finite:
+            _check_finite(h, x, self.sublayer_index)
+        return h
+
+    def _apply(self, fn, recurse=True):
+        # Casts to fp16/bf16 leave the fp32 parameters alone; device moves still apply.
+        def keep_fp32(t: torch.Tensor) -> torch.Tensor:
+            if t.dtype == torch.float32:
+                probe = fn(torch.empty(0, dtype=t.dtype, device=t.device))
+                if probe.dtype in (torch.float16, torch.bfloat16):
+                    return t.to(device=probe.device)
+            return fn(t)
+
+        return super()._apply(keep_fp32, recurse)
+
+
+def _check_finite(h, x: torch.Tensor, sublayer_index: int) -> None:
+    for name, t in zip(("H_pre", "H_post", "H_res"), h):
+        bad = int((~torch.isfinite(t)).sum())
+        if bad:
+            raise FloatingPointError(
+                f"{bad} of {t.numel()} {name} coefficients are NaN/Inf in mHC sublayer "
+                f"{sublayer_index} (its residual input has {int((~torch.isfinite(x)).sum())} "
+                "non-finite values). Lower the learning rate or --mhc-alpha-init, or check the "
+                "data; --mhc-check-finite turns this check on and off"
+            )
+
+
+class MHCCoefficients(_Coefficients):
+    """mHC coefficients: sigmoid pre/post gates and a Sinkhorn-projected H_res."""
+
+    def _create_parameters(self) -> None:
+        m = ops.num_coefficients(self.n)
+        self.phi = torch.nn.Parameter(torch.empty(self.n * self.hidden_size, m, dtype=torch.float32))
+        self.bias = torch.nn.Parameter(torch.empty(m, dtype=torch.float32))
+        self.alpha = torch.nn.Parameter(torch.empty(3, dtype=torch.float32))
+
+    def reset_parameters(self) -> None:
+        s = self.settings
+        init = ops.init_mhc_parameters(self.n, self.hidden_size, alpha=s.alpha_init, res_diag=s.res_init_diag)
+        with torch.no_grad():
+            for param, value in zip((self.phi, self.bias, self.alpha), init):
+                param.copy_(value)
+
+    def compute(self, x: torch.Tensor):
+        s = self.settings
+        return ops.mhc_coefficients(
+            x, self.phi, self.bias, self.alpha, iters=s.sinkhorn_iters, eps=s.coeff_eps
+        )
+
+
+class HCCoefficients(_Coefficients):
+    """Unconstrained Hyper-Connections coefficients (tanh dynamic part plus static matrices)."""
+
+    def _create_parameters(self) -> None:
+        self.theta = torch.nn.Parameter(torch.empty(self.hidden_size, self.n + 2, dtype=torch.float32))
+        self.bias = torch.nn.Parameter(torch.empty(ops.num_coefficients(self.n), dtype=torch.float32))
+        self.alpha = torch.nn.Parameter(torch.empty(3, dtype=torch.float32))
+
+    def reset_parameters(self) -> None:
+        init = ops.init_hc_parameters(
+            self.n, self.hidden_size, self.sublayer_index, alpha=self.settings.alpha_init
+        )
+        with torch.no_grad():
+            for param, value in zip((self.theta, self.bias, self.alpha), init):
+                param.copy_(value)
+
+    def compute(self, x: torch.Tensor):
+        return ops.hc_coefficients(x, self.theta, self.bias, self.alpha, eps=self.settings.coeff_eps)

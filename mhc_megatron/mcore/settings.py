@@ -1,0 +1,115 @@
+"""User-facing mHC settings, and the checks that keep them compatible with a Megatron config."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass
+
+from ..ops import check_expansion_rate, check_iters
+
+RESIDUAL_MODES = ("residual", "hc", "mhc")
+CONTRACTIONS = ("mean", "sum")
+
+
+@dataclass(frozen=True)
+class MHCSettings:
+    """How the residual stream of a Megatron model is built.
+
+    mode: ``residual`` (Megatron unchanged), ``hc`` (unconstrained Hyper-Connections, for
+        comparison) or ``mhc``.
+    expansion_rate: number of residual streams n.
+    sinkhorn_iters: Sinkhorn-Knopp iterations t_max for H_res (mhc only).
+    alpha_init: initial value of the three coefficient gates.
+    res_init_diag: initial diagonal of the H_res logits (mhc): 0 starts H_res uniform, 4 to 8
+        starts it near the identity.
+    coeff_eps: epsilon of the RMS norm inside the coefficient computation.
+    check_finite: raise as soon as a coefficient is NaN/Inf (one device sync per sublayer;
+        for debugging).
+    contraction: how the streams are combined at the model exit (``mean`` or ``sum``).
+    """
+
+    mode: str = "residual"
+    expansion_rate: int = 4
+    sinkhorn_iters: int = 20
+    alpha_init: float = 0.01
+    res_init_diag: float = 0.0
+    coeff_eps: float = 1e-6
+    check_finite: bool = False
+    contraction: str = "mean"
+
+    def __post_init__(self):
+        if self.mode not in RESIDUAL_MODES:
+            raise ValueError(
+                f"residual mode must be one of {', '.join(RESIDUAL_MODES)}, got {self.mode!r}"
+            )
+        check_expansion_rate(self.expansion_rate)
+        check_iters(self.sinkhorn_iters)
+        if not math.isfinite(self.alpha_init) or self.alpha_init < 0:
+            raise ValueError(f"mHC gate init must be a finite value >= 0, got {self.alpha_init!r}")
+        if not math.isfinite(self.res_init_diag):
+            raise ValueError(f"H_res init diagonal must be finite, got {self.res_init_diag!r}")
+        if not self.coeff_eps > 0:
+            raise ValueError(f"coefficient norm epsilon must be > 0, got {self.coeff_eps!r}")
+        if self.contraction not in CONTRACTIONS:
+            raise ValueError(
+                f"stream contraction must be one of {', '.join(CONTRACTIONS)}, got {self.contraction!r}"
+            )
+
+    @property
+    def enabled(self) -> bool:
+        """True when the model carries an n-stream residual (hc or mhc)."""
+        return self.mode != "residual"
+
+    def replace(self, **changes) -> "MHCSettings":
+        return dataclasses.replace(self, **changes)
+
+
+def check_transformer_config(config, settings: MHCSettings) -> None:
+    """Refuse Megatron options that cannot carry an n-stream residual, naming what to use instead.
+
+    ``config`` is a megatron-core ``TransformerConfig`` (or anything with the same attributes).
+    """
+    if not settings.enabled:
+        return
+    mode = settings.mode
+
+    def refuse(what: str, fix: str) -> None:
+        raise ValueError(f"--residual-mode {mode} does not support {what}: {fix}")
+
+    if getattr(config, "cuda_graph_impl", "none") not in (None, "none"):
+        refuse(
+            f"CUDA graphs (cuda_graph_impl={config.cuda_graph_impl!r}), whose static buffers "
+            "have the residual width",
+            "run without --cuda-graph-impl",
+        )
+    if getattr(config, "recompute_granularity", None) == "selective" and "layernorm" in (
+        getattr(config, "recompute_modules", None) or []
+    ):
+        refuse(
+            "selective recompute of 'layernorm' (the norm slot holds the mHC coefficient step)",
+            "drop 'layernorm' from --recompute-modules",
+        )
+    if getattr(config, "fine_grained_activation_offloading", False) and {
+        "attn_norm",
+        "mlp_norm",
+    } & set(getattr(config, "offload_modules", None) or []):
+        refuse(
+            "offloading 'attn_norm'/'mlp_norm' activations",
+            "drop attn_norm and mlp_norm from --offload-modules",
+        )
+    if getattr(config, "overlap_moe_expert_parallel_comm", False):
+        refuse(
+            "--overlap-moe-expert-parallel-comm (its fine-grained layer callables detach the "
+            "residual as a single tensor)",
+            "run MoE layers without --overlap-moe-expert-parallel-comm",
+        )
+    if getattr(config, "inference_fuse_tp_communication", False) or (
+        getattr(config, "transformer_impl", None) == "inference_optimized"
+    ):
+        refuse(
+            "the inference-optimized layers (they fuse the residual add into the projections)",
+            "use --transformer-impl local or transformer_engine",
+        )
+    if getattr(config, "heterogeneous_block_specs", False):
+        refuse("heterogeneous block specs", "use a homogeneous GPT layer spec")

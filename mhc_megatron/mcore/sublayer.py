@@ -1,0 +1,147 @@
+"""The three modules that turn a megatron-core ``TransformerLayer`` into an mHC layer.
+
+They fill existing slots of ``TransformerLayerSubmodules``, so Megatron's own layer code (and
+its attention, MLP, MoE and norm modules) runs unchanged:
+
+* norm slots (``input_layernorm``, ``pre_mlp_layernorm``) -> :class:`MHCSublayerInput`:
+  reads the n-stream residual ``[s, b, n*C]``, computes ``H_pre, H_post, H_res`` and returns
+  ``(norm(H_pre · x), MHCResidual)`` — the ``(output, residual)`` pair every Megatron norm call
+  site accepts;
+* bias-dropout-add slots (``self_attn_bda``, ``mlp_bda``) -> :class:`MHCSublayerOutput`:
+  ``H_res · x + H_post^T · dropout(F + bias)``, flattened back to ``[s, b, n*C]``;
+* the block's final norm -> :class:`MHCStreamContraction`: the mean (or sum) of the streams,
+  then the original norm.
+
+The first global layer's attention input module also expands the embedding ``[s, b, C]`` into
+n streams, so a model's entry and exit are where Megatron already has them.
+"""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass
+
+import torch
+from megatron.core.transformer.module import MegatronModule
+from megatron.core.transformer.spec_utils import ModuleSpec, build_module
+
+from .. import ops
+from .settings import MHCSettings
+
+
+@dataclass
+class MHCResidual:
+    """What an mHC sublayer carries from its input module to its output module."""
+
+    x: torch.Tensor  # the n-stream residual [s, b, n, C]
+    h_post: torch.Tensor  # [s, b, n]
+    h_res: torch.Tensor  # [s, b, n, n]
+
+    def float(self) -> "MHCResidual":
+        """For ``fp32_residual_connection``: Megatron calls ``residual.float()``."""
+        return MHCResidual(self.x.float(), self.h_post, self.h_res)
+
+
+def _unflatten_streams(hidden_states: torch.Tensor, n: int, hidden_size: int, where: str) -> torch.Tensor:
+    if hidden_states.shape[-1] != n * hidden_size:
+        raise ValueError(
+            f"{where} expects the {n}-stream residual [s, b, {n}*{hidden_size}] = "
+            f"[..., {n * hidden_size}], got shape {tuple(hidden_states.shape)}. A pipeline "
+            "stage must exchange n-stream tensors (see docs/megatron.md, pipeline parallelism)"
+        )
+    return hidden_states.unflatten(-1, (n, hidden_size))
+
+
+class MHCSublayerInput(MegatronModule):
+    """Norm slot of an mHC sublayer: coefficients, pre-mix ``H_pre · x``, then the inner norm.
+
+    Args:
+        norm: the layer norm builder the residual spec had in this slot (``IdentityOp`` where
+            the norm is fused into the next linear, as in transformer-engine's dense spec).
+        coefficients: spec of the coefficient module (:class:`MHCCoefficients` or
+            :class:`HCCoefficients`).
+        expand_input: the model's first sublayer: its input is the C-wide embedding.
+    """
+
+    def __init__(
+        self,
+        config,
+        hidden_size: int,
+        eps: float,
+        *,
+        norm,
+        coefficients: ModuleSpec,
+        settings: MHCSettings,
+        expand_input: bool = False,
+    ):
+        super().__init__(config=config)
+        self.n = settings.expansion_rate
+        self.hidden_size = hidden_size
+        self.expand_input = expand_input
+        self.coefficients = build_module(
+            coefficients, config=config, hidden_size=hidden_size, settings=settings
+        )
+        self.norm = norm(config=config, hidden_size=hidden_size, eps=eps)
+
+    def forward(self, hidden_states: torch.Tensor):
+        if self.expand_input:
+            if hidden_states.shape[-1] != self.hidden_size:
+                raise ValueError(
+                    f"the model's first mHC sublayer expects the embedding [s, b, {self.hidden_size}], "
+                    f"got shape {tuple(hidden_states.shape)}"
+                )
+            x = ops.expand_streams(hidden_states, self.n)
+        else:
+            x = _unflatten_streams(
+                hidden_states, self.n, self.hidden_size,
+                f"mHC sublayer {self.coefficients.sublayer_index}",
+            )
+        h_pre, h_post, h_res = self.coefficients(x)
+        normed = self.norm(ops.mhc_pre(x, h_pre))
+        if isinstance(normed, tuple):  # a residual-fused norm returns (output, residual)
+            normed = normed[0]
+        return normed, MHCResidual(x, h_post, h_res)
+
+
+class MHCSublayerOutput(torch.nn.Module):
+    """Bias-dropout-add slot of an mHC sublayer: ``H_res · x + H_post^T · dropout(F + bias)``.
+
+    Called like Megatron's ``get_bias_dropout_add``: ``module(training, fused)`` returns the
+    function ``(output_with_bias, residual, dropout_prob) -> next residual``.
+    """
+
+    def __init__(self, config=None):
+        super().__init__()
+
+    def forward(self, training: bool, fused: bool = False):
+        return functools.partial(self._post_residual, training=training)
+
+    @staticmethod
+    def _post_residual(output_with_bias, residual, prob: float, training: bool) -> torch.Tensor:
+        if not isinstance(residual, MHCResidual):
+            raise TypeError(
+                "MHCSublayerOutput needs the MHCResidual made by MHCSublayerInput in the same "
+                f"sublayer's norm slot, got {type(residual).__name__}; build the layer with "
+                "mhc_megatron.mcore.specs"
+            )
+        out, bias = output_with_bias
+        if bias is not None:
+            out = out + bias
+        out = torch.nn.functional.dropout(out, p=prob, training=training)
+        x = ops.mhc_post_res(residual.x, out, residual.h_post, residual.h_res)
+        return x.flatten(-2)
+
+
+class MHCStreamContraction(MegatronModule):
+    """Final-norm slot: contract the n streams (mean or sum), then the original final norm."""
+
+    def __init__(self, config, hidden_size: int, eps: float, *, norm, settings: MHCSettings):
+        super().__init__(config=config)
+        self.n = settings.expansion_rate
+        self.hidden_size = hidden_size
+        self.reduction = settings.contraction
+        self.norm = norm(config=config, hidden_size=hidden_size, eps=eps)
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        x = _unflatten_streams(hidden_states, self.n, self.hidden_size, "the mHC stream contraction")
+        return self.norm(ops.contract_streams(x, self.reduction))

@@ -1,0 +1,204 @@
+"""Test helpers for running megatron-core on CPU with the gloo backend.
+
+The redirections of megatron-core's CUDA-only spots live here, in test code only:
+``GlobalMemoryBuffer.get_tensor`` (sequence-parallel gathers allocate on the current CUDA device),
+``CudaRNGStatesTracker.fork`` (CUDA RNG state) and the MoE router's ``gating`` (moves its weight
+to the current CUDA device on the first forward). Attention uses the product's device-portable
+``SDPACoreAttention``, so Megatron's ``DotProductAttention`` needs no redirection.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import socket
+import tempfile
+import traceback
+from unittest import mock
+
+import torch
+import torch.distributed as dist
+
+VOCAB = 96
+SEQ = 16
+BATCH = 2
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def cpu_redirections() -> None:
+    from megatron.core import utils as mcore_utils
+    from megatron.core.tensor_parallel import random as tp_random
+
+    def get_tensor(self, tensor_shape, dtype, name, mem_alloc_context=None):
+        return torch.empty(tensor_shape, dtype=dtype)
+
+    @contextlib.contextmanager
+    def fork(self, name=None):
+        yield
+
+    mcore_utils.GlobalMemoryBuffer.get_tensor = get_tensor
+    tp_random.CudaRNGStatesTracker.fork = fork
+
+    from megatron.core.transformer.moe import router
+
+    if not getattr(router.Router.gating, "_cpu_redirected", False):
+        cuda_gating = router.Router.gating
+
+        def gating(self, input):
+            with mock.patch("torch.cuda.current_device", return_value="cpu"):
+                return cuda_gating(self, input)
+
+        gating._cpu_redirected = True
+        router.Router.gating = gating
+
+
+def init_megatron(rank: int, world_size: int, port: int, tp: int = 1, pp: int = 1, **mp_kwargs) -> None:
+    from megatron.core import parallel_state
+
+    os.environ["MASTER_ADDR"] = "127.0.0.1"
+    os.environ["MASTER_PORT"] = str(port)
+    if not dist.is_initialized():
+        dist.init_process_group("gloo", rank=rank, world_size=world_size)
+    parallel_state.destroy_model_parallel()
+    parallel_state.initialize_model_parallel(
+        tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp, **mp_kwargs
+    )
+    cpu_redirections()
+
+
+class SPRMSNorm(torch.nn.RMSNorm):
+    """RMSNorm that accepts sequence parallelism (test stand-in for TENorm): its weight is
+    marked so megatron-core all-reduces its gradient over the tensor-parallel group."""
+
+    def __init__(self, config, hidden_size, eps=1e-5):
+        super().__init__(hidden_size, eps=eps)
+        self.weight.sequence_parallel = config.sequence_parallel
+
+
+def tiny_config(**overrides):
+    from megatron.core.transformer.transformer_config import TransformerConfig
+
+    kwargs = dict(
+        num_layers=2,
+        hidden_size=32,
+        num_attention_heads=4,
+        ffn_hidden_size=64,
+        use_cpu_initialization=True,
+        normalization="RMSNorm",
+        hidden_dropout=0.0,
+        attention_dropout=0.0,
+        bias_dropout_fusion=False,
+        masked_softmax_fusion=False,
+        gradient_accumulation_fusion=False,
+    )
+    kwargs.update(overrides)
+    return TransformerConfig(**kwargs)
+
+
+def local_block_spec(config, settings, *, sp_norm: bool = False, vp_stage=None, pp_rank=None, **spec_kwargs):
+    """The local GPT spec with the portable attention, turned into an mHC block spec."""
+    import dataclasses
+
+    from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
+    from megatron.core.transformer.transformer_block import TransformerBlockSubmodules, get_num_layers_to_build
+
+    from mhc_megatron.mcore.attention import SDPACoreAttention
+    from mhc_megatron.mcore.specs import mhc_block_spec, with_core_attention
+
+    spec_kwargs.setdefault("normalization", config.normalization)
+    layer = with_core_attention(get_gpt_layer_local_spec(**spec_kwargs), SDPACoreAttention)
+    final_norm = None
+    if sp_norm:
+        layer = dataclasses.replace(
+            layer,
+            submodules=dataclasses.replace(
+                layer.submodules, input_layernorm=SPRMSNorm, pre_mlp_layernorm=SPRMSNorm
+            ),
+        )
+        final_norm = SPRMSNorm
+    if final_norm is not None:
+        count = get_num_layers_to_build(config, vp_stage=vp_stage, pp_rank=pp_rank)
+        block = TransformerBlockSubmodules(layer_specs=[layer] * count, layer_norm=final_norm)
+        return mhc_block_spec(block, config, settings, vp_stage, pp_rank) if settings.enabled else block
+    return mhc_block_spec(layer, config, settings, vp_stage, pp_rank)
+
+
+def build_gpt(config, settings, *, seed: int = 1234, sp_norm: bool = False, **model_kwargs):
+    from megatron.core.models.gpt import GPTModel
+
+    torch.manual_seed(seed)
+    spec = local_block_spec(config, settings, sp_norm=sp_norm)
+    model_kwargs.setdefault("vocab_size", VOCAB)
+    model_kwargs.setdefault("max_sequence_length", SEQ)
+    return GPTModel(config, spec, **model_kwargs)
+
+
+def make_batch(seed: int = 0, batch: int = BATCH, seq: int = SEQ, vocab: int = VOCAB):
+    g = torch.Generator().manual_seed(seed)
+    tokens = torch.randint(0, vocab, (batch, seq + 1), generator=g)
+    positions = torch.arange(seq).expand(batch, seq)
+    return tokens[:, :-1].contiguous(), positions, tokens[:, 1:].contiguous()
+
+
+def lm_loss(model, batch) -> torch.Tensor:
+    tokens, positions, labels = batch
+    return model(tokens, positions, None, labels=labels).float().mean()
+
+
+def full_gradients(model) -> dict[str, torch.Tensor]:
+    """Gradients of every parameter, gathered over tensor-parallel ranks to the full tensor."""
+    from megatron.core import parallel_state
+
+    group = parallel_state.get_tensor_model_parallel_group()
+    tp = parallel_state.get_tensor_model_parallel_world_size()
+    out = {}
+    for name, p in model.named_parameters():
+        g = p.grad if p.grad is not None else torch.zeros_like(p)
+        if getattr(p, "tensor_model_parallel", False) and tp > 1:
+            parts = [torch.empty_like(g) for _ in range(tp)]
+            dist.all_gather(parts, g.contiguous(), group=group)
+            g = torch.cat(parts, dim=p.partition_dim)
+        out[name] = g.detach().clone()
+    return out
+
+
+def _worker(rank, world_size, port, fn, args, result_dir):
+    try:
+        result = fn(rank, world_size, port, *args)
+        torch.save(result, os.path.join(result_dir, f"rank{rank}.pt"))
+    except BaseException:
+        with open(os.path.join(result_dir, f"rank{rank}.err"), "w") as f:
+            f.write(traceback.format_exc())
+        raise
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def run_distributed(fn, world_size: int, *args):
+    """Run ``fn(rank, world_size, port, *args)`` in ``world_size`` fresh processes; return the
+    per-rank results (``fn`` must be a module-level function of an importable module)."""
+    import torch.multiprocessing as mp
+
+    with tempfile.TemporaryDirectory() as result_dir:
+        port = free_port()
+        try:
+            mp.start_processes(
+                _worker,
+                args=(world_size, port, fn, args, result_dir),
+                nprocs=world_size,
+                start_method="spawn",
+            )
+        except Exception as err:
+            errors = [
+                open(os.path.join(result_dir, f)).read()
+                for f in sorted(os.listdir(result_dir))
+                if f.endswith(".err")
+            ]
+            raise AssertionError("distributed worker failed:\n" + "\n".join(errors)) from err
+        return [torch.load(os.path.join(result_dir, f"rank{r}.pt"), weights_only=False) for r in range(world_size)]

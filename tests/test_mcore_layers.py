@@ -1,0 +1,218 @@
+"""mHC layers inside megatron-core GPTModel (single process, CPU)."""
+
+import dataclasses
+
+import pytest
+import torch
+
+from mcore_helpers import build_gpt, lm_loss, local_block_spec, make_batch, tiny_config
+from mhc_megatron.mcore import (
+    HCCoefficients,
+    MHCCoefficients,
+    MHCSettings,
+    MHCStreamContraction,
+    MHCSublayerInput,
+    MHCSublayerOutput,
+    check_transformer_config,
+    mhc_layer_spec,
+)
+
+pytestmark = pytest.mark.usefixtures("megatron_world")
+
+
+def settings(mode, n=4, **kw):
+    return MHCSettings(mode=mode, expansion_rate=n, **kw)
+
+
+@pytest.mark.parametrize("mode", ["residual", "hc", "mhc"])
+def test_modes_train_a_step(mode):
+    model = build_gpt(tiny_config(), settings(mode))
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    batch = make_batch()
+    losses = []
+    for _ in range(3):
+        loss = lm_loss(model, batch)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert all(torch.isfinite(torch.tensor(losses))) and losses[-1] < losses[0]
+    coeffs = [m for m in model.modules() if isinstance(m, (MHCCoefficients, HCCoefficients))]
+    assert len(coeffs) == (0 if mode == "residual" else 4)  # 2 layers x (attention, MLP)
+    for m in coeffs:
+        for p in m.parameters():
+            assert p.grad is not None and torch.isfinite(p.grad).all()
+
+
+def test_layer_slots_and_stream_width():
+    model = build_gpt(tiny_config(), settings("mhc", n=3))
+    layer0, layer1 = model.decoder.layers
+    assert isinstance(layer0.input_layernorm, MHCSublayerInput) and layer0.input_layernorm.expand_input
+    assert not layer1.input_layernorm.expand_input and not layer0.pre_mlp_layernorm.expand_input
+    assert isinstance(layer0.self_attn_bda, MHCSublayerOutput) and isinstance(layer0.mlp_bda, MHCSublayerOutput)
+    assert isinstance(model.decoder.final_layernorm, MHCStreamContraction)
+    assert [m.coefficients.sublayer_index for layer in model.decoder.layers
+            for m in (layer.input_layernorm, layer.pre_mlp_layernorm)] == [0, 1, 2, 3]
+    widths = []
+    hooks = [layer.register_forward_hook(lambda m, i, o: widths.append(o[0].shape[-1])) for layer in model.decoder.layers]
+    lm_loss(model, make_batch())
+    for h in hooks:
+        h.remove()
+    assert widths == [3 * 32, 3 * 32]  # layers pass the flattened n-stream residual [s, b, n*C]
+
+
+def _copy_shared_weights(src, dst):
+    """Copy every parameter of ``src`` into ``dst`` (the norm inside mHC slots sits at .norm.)."""
+    dst_params = dict(dst.named_parameters())
+    with torch.no_grad():
+        for name, p in src.named_parameters():
+            for candidate in (name, name.replace("layernorm.", "layernorm.norm.")):
+                if candidate in dst_params:
+                    dst_params[candidate].copy_(p)
+                    break
+            else:
+                raise KeyError(name)
+
+
+def test_hc_starts_as_the_residual_model():
+    """Pre-norm style HC initialisation: same weights, same loss, exactly."""
+    residual = build_gpt(tiny_config(), settings("residual"))
+    hc = build_gpt(tiny_config(), settings("hc"))
+    _copy_shared_weights(residual, hc)
+    batch = make_batch()
+    assert lm_loss(hc, batch).item() == pytest.approx(lm_loss(residual, batch).item(), abs=1e-6)
+
+
+@pytest.mark.parametrize("n,res_init_diag", [(1, 0.0), (4, 0.0), (4, 6.0)])
+def test_mhc_starts_close_to_the_residual_model(n, res_init_diag):
+    residual = build_gpt(tiny_config(), settings("residual"))
+    mhc = build_gpt(tiny_config(), settings("mhc", n=n, res_init_diag=res_init_diag))
+    _copy_shared_weights(residual, mhc)
+    batch = make_batch()
+    ref = residual(*batch[:2], None)
+    out = mhc(*batch[:2], None)
+    rel = ((out - ref).norm() / ref.norm()).item()
+    # n = 1: H_pre = 1/2 meets the pre-norm epsilon (5e-3 here); n > 1: only the dynamic part
+    assert rel < (1e-2 if n == 1 else 5e-3), rel
+
+
+def test_coefficient_parameters_stay_fp32_in_a_bf16_model():
+    model = build_gpt(tiny_config(), settings("mhc")).bfloat16()
+    for name, p in model.named_parameters():
+        expected = torch.float32 if ".coefficients." in name else torch.bfloat16
+        assert p.dtype == expected, name
+    tokens, positions, labels = make_batch()
+    loss = model(tokens, positions, None, labels=labels).float().mean()
+    loss.backward()
+    assert torch.isfinite(loss)
+    phi = model.decoder.layers[0].input_layernorm.coefficients.phi
+    assert phi.grad is not None and phi.grad.dtype == torch.float32
+
+
+def test_fp32_residual_connection():
+    model = build_gpt(tiny_config(fp32_residual_connection=True), settings("mhc"))
+    loss = lm_loss(model, make_batch())
+    loss.backward()
+    assert torch.isfinite(loss)
+
+
+def test_check_finite_names_the_sublayer():
+    model = build_gpt(tiny_config(), settings("mhc", check_finite=True))
+    with torch.no_grad():
+        model.decoder.layers[1].pre_mlp_layernorm.coefficients.phi[0, 0] = float("nan")
+    with pytest.raises(FloatingPointError, match=r"non-finite|NaN/Inf.*mHC sublayer 3"):
+        lm_loss(model, make_batch())
+
+
+def test_weight_decay_applies_to_phi_only():
+    """megatron-core's standard overrides skip weight decay for 1-D and '*.bias' parameters:
+    bias and alpha (the static mapping and the gates) are not decayed, phi is."""
+    from megatron.core.optimizer import OptimizerConfig, get_standard_config_overrides
+
+    overrides = get_standard_config_overrides(OptimizerConfig(lr=1e-3, weight_decay=0.1))
+    model = build_gpt(tiny_config(), settings("mhc"))
+    coeff = model.decoder.layers[0].input_layernorm.coefficients
+    no_wd = {}
+    for name, p in coeff.named_parameters(prefix="decoder.layers.0.input_layernorm.coefficients"):
+        no_wd[name.rsplit(".", 1)[1]] = any(
+            key.matches(p, name) and o.get("wd_mult") == 0.0 for key, o in overrides.items()
+        )
+    assert no_wd == {"phi": False, "bias": True, "alpha": True}
+
+
+def test_moe_block_spec_builds_and_trains():
+    from megatron.core.models.gpt import GPTModel
+    from mhc_megatron.mcore.attention import SDPACoreAttention
+    from mhc_megatron.mcore.specs import get_mhc_gpt_decoder_block_spec, with_core_attention
+
+    cfg = tiny_config(num_moe_experts=4, moe_router_topk=2, moe_ffn_hidden_size=32, moe_shared_expert_intermediate_size=32,
+                      moe_layer_freq=[0, 1], moe_token_dispatcher_type="allgather", moe_aux_loss_coeff=0.0,
+                      add_bias_linear=False)
+    spec = get_mhc_gpt_decoder_block_spec(cfg, settings("mhc"), use_transformer_engine=False)
+    spec = with_core_attention(spec, SDPACoreAttention)
+    torch.manual_seed(0)
+    model = GPTModel(cfg, spec, vocab_size=96, max_sequence_length=16)
+    assert type(model.decoder.layers[1].mlp).__name__ == "MoELayer"
+    loss = lm_loss(model, make_batch())
+    loss.backward()
+    assert torch.isfinite(loss)
+    assert model.decoder.layers[1].pre_mlp_layernorm.coefficients.phi.grad.abs().sum() > 0
+
+
+def test_sharded_checkpoint_keys_match_between_local_and_fused_norm_layouts():
+    model = build_gpt(tiny_config(), settings("mhc"))
+    keys = {t.key for t in model.sharded_state_dict().values() if hasattr(t, "key")}
+    # the inner norm keeps the key transformer-engine's fused layer-norm linear uses
+    assert "decoder.layers.self_attention.linear_qkv.layer_norm_weight" in keys
+    assert "decoder.layers.mlp.linear_fc1.layer_norm_weight" in keys
+    assert "decoder.layers.input_layernorm.coefficients.phi" in keys
+    assert not any("linear_qkv.layer_norm_coefficients" in k for k in keys)
+
+
+def test_residual_mode_leaves_the_spec_alone():
+    cfg = tiny_config()
+    spec = local_block_spec(cfg, settings("residual"))
+    assert spec.submodules.self_attn_bda is not MHCSublayerOutput
+
+
+def test_non_transformer_layer_spec_is_refused():
+    from megatron.core.transformer.spec_utils import ModuleSpec
+
+    @dataclasses.dataclass
+    class MambaLikeSubmodules:
+        mixer: object = None
+
+    with pytest.raises(ValueError, match="HybridModel layers are not supported"):
+        mhc_layer_spec(ModuleSpec(module=torch.nn.Identity, submodules=MambaLikeSubmodules()), settings("mhc"), 0)
+
+
+@pytest.mark.parametrize(
+    "overrides,match",
+    [
+        (dict(recompute_granularity="selective", recompute_modules=["layernorm"]), "drop 'layernorm'"),
+        (dict(cuda_graph_impl="local"), "CUDA graphs"),
+        (dict(inference_fuse_tp_communication=True), "inference-optimized"),
+    ],
+)
+def test_incompatible_megatron_options_are_refused(overrides, match):
+    cfg = tiny_config()
+    for k, v in overrides.items():
+        object.__setattr__(cfg, k, v)
+    with pytest.raises(ValueError, match=match):
+        check_transformer_config(cfg, settings("mhc"))
+    check_transformer_config(cfg, settings("residual"))  # residual mode accepts anything
+
+
+@pytest.mark.parametrize(
+    "kw,match",
+    [
+        (dict(mode="nope"), "residual mode must be one of residual, hc, mhc"),
+        (dict(mode="mhc", expansion_rate=0), "expansion rate must be an integer >= 1, got 0"),
+        (dict(mode="mhc", sinkhorn_iters=0), "Sinkhorn iterations"),
+        (dict(mode="mhc", contraction="max"), "stream contraction"),
+        (dict(mode="mhc", coeff_eps=0.0), "epsilon"),
+    ],
+)
+def test_bad_settings(kw, match):
+    with pytest.raises(ValueError, match=match):
+        MHCSettings(**kw)
