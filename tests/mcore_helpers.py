@@ -2,8 +2,10 @@
 
 The redirections of megatron-core's CUDA-only spots live here, in test code only:
 ``GlobalMemoryBuffer.get_tensor`` (sequence-parallel gathers allocate on the current CUDA device),
-``CudaRNGStatesTracker.fork`` (CUDA RNG state) and the MoE router's ``gating`` (moves its weight
-to the current CUDA device on the first forward). Attention uses the product's device-portable
+``CudaRNGStatesTracker.fork`` (CUDA RNG state), the MoE router's ``gating`` (moves its weight
+to the current CUDA device on the first forward) and the sequence-parallel gather/scatter
+mappings (allocate their outputs there); in spawned workers also ``torch.cuda.current_device``
+and ``torch.cuda.synchronize`` as a whole (see ``_whole_process_on_cpu``). Attention uses the product's device-portable
 ``SDPACoreAttention``, so Megatron's ``DotProductAttention`` needs no redirection.
 """
 
@@ -44,17 +46,26 @@ def cpu_redirections() -> None:
     mcore_utils.GlobalMemoryBuffer.get_tensor = get_tensor
     tp_random.CudaRNGStatesTracker.fork = fork
 
+    from megatron.core.tensor_parallel import mappings
     from megatron.core.transformer.moe import router
 
-    if not getattr(router.Router.gating, "_cpu_redirected", False):
-        cuda_gating = router.Router.gating
+    _on_cpu(router.Router, "gating")
+    _on_cpu(mappings, "_gather_along_first_dim")
+    _on_cpu(mappings, "_reduce_scatter_along_first_dim")
 
-        def gating(self, input):
-            with mock.patch("torch.cuda.current_device", return_value="cpu"):
-                return cuda_gating(self, input)
 
-        gating._cpu_redirected = True
-        router.Router.gating = gating
+def _on_cpu(owner, name: str) -> None:
+    """Run ``owner.name`` with ``torch.cuda.current_device()`` answering "cpu"."""
+    cuda_fn = getattr(owner, name)
+    if getattr(cuda_fn, "_cpu_redirected", False):
+        return
+
+    def redirected(*args, **kwargs):
+        with mock.patch("torch.cuda.current_device", return_value="cpu"):
+            return cuda_fn(*args, **kwargs)
+
+    redirected._cpu_redirected = True
+    setattr(owner, name, redirected)
 
 
 def init_megatron(rank: int, world_size: int, port: int, tp: int = 1, pp: int = 1, **mp_kwargs) -> None:
@@ -167,7 +178,16 @@ def full_gradients(model) -> dict[str, torch.Tensor]:
     return out
 
 
+def _whole_process_on_cpu() -> None:
+    """In a spawned worker only: megatron-core's sequence-parallel backward and the distributed
+    checkpoint writer call ``torch.cuda.current_device()`` / ``torch.cuda.synchronize()``
+    directly; answer "cpu" and do nothing."""
+    torch.cuda.current_device = lambda: "cpu"
+    torch.cuda.synchronize = lambda device=None: None
+
+
 def _worker(rank, world_size, port, fn, args, result_dir):
+    _whole_process_on_cpu()
     try:
         result = fn(rank, world_size, port, *args)
         torch.save(result, os.path.join(result_dir, f"rank{rank}.pt"))
@@ -185,6 +205,7 @@ def run_distributed(fn, world_size: int, *args):
     per-rank results (``fn`` must be a module-level function of an importable module)."""
     import torch.multiprocessing as mp
 
+    os.environ.setdefault("PYTHONWARNINGS", "ignore")  # the children's import-time warnings
     with tempfile.TemporaryDirectory() as result_dir:
         port = free_port()
         try:
