@@ -1,0 +1,107 @@
+"""The mHC command-line flags for Megatron-LM launches, and their translation to settings."""
+
+from __future__ import annotations
+
+import argparse
+
+from ..mcore.settings import CONTRACTIONS, RESIDUAL_MODES, MHCSettings
+
+DEFAULT_EXPANSION_RATE = 4
+
+
+def add_mhc_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """Add the mHC flags to a Megatron-LM argument parser (an ``extra_args_provider``)."""
+    d = MHCSettings()
+    g = parser.add_argument_group("mHC (mhc-megatron)")
+    g.add_argument(
+        "--residual-mode",
+        choices=RESIDUAL_MODES,
+        default="residual",
+        help="Residual stream: 'residual' (Megatron unchanged), 'hc' (unconstrained "
+        "Hyper-Connections, for comparison) or 'mhc' (manifold-constrained). Default: residual.",
+    )
+    g.add_argument(
+        "--expansion-rate",
+        type=int,
+        default=None,
+        help=f"Number of residual streams n for hc/mhc (default {DEFAULT_EXPANSION_RATE}).",
+    )
+    g.add_argument(
+        "--mhc-sinkhorn-iters",
+        type=int,
+        default=d.sinkhorn_iters,
+        help="Sinkhorn-Knopp iterations t_max for H_res (default %(default)s).",
+    )
+    g.add_argument(
+        "--mhc-alpha-init",
+        type=float,
+        default=d.alpha_init,
+        help="Initial value of the three coefficient gates alpha (default %(default)s).",
+    )
+    g.add_argument(
+        "--mhc-res-init-diag",
+        type=float,
+        default=d.res_init_diag,
+        help="Initial diagonal of the H_res logits: 0 starts H_res uniform (1/n), 4 to 8 "
+        "starts it near the identity (default %(default)s).",
+    )
+    g.add_argument(
+        "--mhc-coeff-eps",
+        type=float,
+        default=d.coeff_eps,
+        help="Epsilon of the RMS norm inside the coefficient computation (default %(default)s).",
+    )
+    g.add_argument(
+        "--mhc-check-finite",
+        action="store_true",
+        help="Raise as soon as an mHC coefficient is NaN/Inf, naming the sublayer "
+        "(one device sync per sublayer; for debugging).",
+    )
+    g.add_argument(
+        "--mhc-contraction",
+        choices=CONTRACTIONS,
+        default=d.contraction,
+        help="How the streams are combined before the final norm (default %(default)s).",
+    )
+    return parser
+
+
+def chain_args_providers(*providers):
+    """One ``extra_args_provider`` that applies several (``None`` entries are skipped)."""
+
+    def provider(parser):
+        for p in providers:
+            if p is not None:
+                parser = p(parser)
+        return parser
+
+    return provider
+
+
+def mhc_settings_from_args(args: argparse.Namespace) -> MHCSettings:
+    """Validated settings from parsed arguments; refuses contradictory combinations."""
+    mode = args.residual_mode
+    n = args.expansion_rate
+    if mode == "residual":
+        if n is not None:
+            raise ValueError(
+                f"--expansion-rate {n} needs --residual-mode hc or mhc (the residual mode has one stream)"
+            )
+        n = DEFAULT_EXPANSION_RATE
+    elif n is None:
+        n = DEFAULT_EXPANSION_RATE
+    if mode != "residual" and getattr(args, "enable_mhc_connections", False):
+        raise ValueError(
+            f"--residual-mode {mode} and upstream Megatron's --enable-mhc-connections both build "
+            "hyper-connections; use one of them (docs/megatron.md compares the two)"
+        )
+    return MHCSettings(
+        mode=mode,
+        expansion_rate=n,
+        sinkhorn_iters=args.mhc_sinkhorn_iters,
+        alpha_init=args.mhc_alpha_init,
+        res_init_diag=args.mhc_res_init_diag,
+        coeff_eps=args.mhc_coeff_eps,
+        check_finite=args.mhc_check_finite,
+        contraction=args.mhc_contraction,
+    )

@@ -1,0 +1,169 @@
+"""``mhc-pretrain-gpt``: Megatron-LM GPT pre-training with the mHC flags added.
+
+    mhc-pretrain-gpt <the usual Megatron-LM GPT arguments> --residual-mode mhc --expansion-rate 4
+
+How it plugs in (the hooks are listed in docs/megatron.md):
+
+1. ``megatron.training.arguments.parse_and_validate_args`` gains our flags (chained after any
+   ``extra_args_provider`` the entry script passes) and validates them;
+2. ``megatron.training.argument_utils.gpt_config_from_args`` returns a config whose layer spec
+   is the mHC block spec (:func:`~mhc_megatron.training.model_config.apply_mhc_to_gpt_config`);
+   ``hybrid_config_from_args`` refuses mHC (HybridModel is not supported yet);
+3. with a Megatron-LM checkout (``--megatron-lm PATH`` or ``$MEGATRON_LM``) its own
+   ``pretrain_gpt.py`` then runs unchanged; without one, the built-in entry
+   (:mod:`~mhc_megatron.training.gpt_entry`) runs ``pretrain`` for mock or indexed data, and the
+   dataset-helper compile step, which needs the checkout's Makefile, is skipped when the wheel
+   ships the compiled helpers.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import runpy
+import sys
+from dataclasses import dataclass
+
+from .arguments import add_mhc_arguments, chain_args_providers, mhc_settings_from_args
+from .model_config import apply_mhc_to_gpt_config
+
+PROG = "mhc-pretrain-gpt"
+
+
+@dataclass
+class _LaunchState:
+    settings: object = None
+
+
+def install_hooks() -> _LaunchState:
+    """Wrap Megatron's argument parsing and model-config functions (idempotent)."""
+    import megatron.training.argument_utils as argument_utils
+    import megatron.training.arguments as arguments
+
+    state = _LaunchState()
+    parse = getattr(arguments.parse_and_validate_args, "__wrapped_by_mhc__", arguments.parse_and_validate_args)
+    gpt_config = getattr(argument_utils.gpt_config_from_args, "__wrapped_by_mhc__", argument_utils.gpt_config_from_args)
+    hybrid_config = getattr(
+        argument_utils.hybrid_config_from_args, "__wrapped_by_mhc__", argument_utils.hybrid_config_from_args
+    )
+
+    def parse_and_validate_args(extra_args_provider=None, ignore_unknown_args=False, args_defaults={}):
+        provider = chain_args_providers(extra_args_provider, add_mhc_arguments, escape_help_percent_signs)
+        args = parse(provider, ignore_unknown_args, args_defaults)
+        state.settings = mhc_settings_from_args(args)
+        return args
+
+    def gpt_config_from_args(args, *rest, **kwargs):
+        model_cfg = gpt_config(args, *rest, **kwargs)
+        return apply_mhc_to_gpt_config(model_cfg, state.settings or mhc_settings_from_args(args))
+
+    def hybrid_config_from_args(args, *rest, **kwargs):
+        settings = state.settings or mhc_settings_from_args(args)
+        if settings.enabled:
+            raise ValueError(
+                f"--residual-mode {settings.mode} supports GPTModel/TransformerBlock models only; "
+                "HybridModel (--hybrid-layer-pattern) is not supported yet"
+            )
+        return hybrid_config(args, *rest, **kwargs)
+
+    for fn, original in (
+        (parse_and_validate_args, parse),
+        (gpt_config_from_args, gpt_config),
+        (hybrid_config_from_args, hybrid_config),
+    ):
+        fn.__wrapped_by_mhc__ = original
+    arguments.parse_and_validate_args = parse_and_validate_args
+    argument_utils.gpt_config_from_args = gpt_config_from_args
+    argument_utils.hybrid_config_from_args = hybrid_config_from_args
+    return state
+
+
+def escape_help_percent_signs(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """megatron-core 0.19.2 has a help string with a bare '%' ('10%'), which makes argparse's
+    --help crash; escape such signs so --help works."""
+    for action in parser._actions:
+        if action.help and "%" in action.help:
+            action.help = re.sub(r"(?<!%)%(?![(%])", "%%", action.help)
+    return parser
+
+
+def skip_dataset_helper_compile_if_prebuilt() -> bool:
+    """The wheel has the compiled dataset helpers but no Makefile, so Megatron's
+    ``_compile_dependencies`` (``make -C megatron/core/datasets``) would exit the job."""
+    import megatron.training.initialize as initialize
+
+    try:
+        from megatron.core.datasets import helpers_cpp  # noqa: F401
+    except ImportError:
+        return False
+    makefile = os.path.join(os.path.dirname(helpers_cpp.__file__), "Makefile")
+    if os.path.exists(makefile):
+        return False
+
+    def _compile_dependencies():
+        print("> dataset index builder: using the prebuilt megatron.core.datasets.helpers_cpp", flush=True)
+
+    initialize._compile_dependencies = _compile_dependencies
+    return True
+
+
+def _split_launcher_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
+    pre = argparse.ArgumentParser(add_help=False)
+    pre.add_argument("--megatron-lm", default=os.environ.get("MEGATRON_LM"))
+    return pre.parse_known_args(argv)
+
+
+def _print_help_header() -> None:
+    print(
+        f"{PROG}: Megatron-LM GPT pre-training with Manifold-Constrained Hyper-Connections.\n"
+        "Every Megatron-LM argument is accepted, plus the 'mHC (mhc-megatron)' group below and\n"
+        "  --megatron-lm PATH    run PATH/pretrain_gpt.py (a Megatron-LM checkout; default $MEGATRON_LM)\n"
+        "                        instead of the built-in entry (mock or indexed GPT data only)\n"
+    )
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    launcher, megatron_argv = _split_launcher_args(argv)
+    if "-h" in megatron_argv or "--help" in megatron_argv:
+        _print_help_header()
+    install_hooks()
+    sys.argv = [PROG, *megatron_argv]
+    try:
+        if launcher.megatron_lm:
+            script = os.path.join(launcher.megatron_lm, "pretrain_gpt.py")
+            if not os.path.isfile(script):
+                raise ValueError(f"--megatron-lm {launcher.megatron_lm}: no pretrain_gpt.py there")
+            sys.path.insert(0, os.path.abspath(launcher.megatron_lm))
+            runpy.run_path(script, run_name="__main__")
+        else:
+            _run_builtin_entry()
+    except ValueError as err:
+        print(f"{PROG}: error: {err}", file=sys.stderr)
+        return 2
+    return 0
+
+
+def _run_builtin_entry() -> None:
+    from megatron.core.enums import ModelType
+    from megatron.training import pretrain
+    from megatron.training.argument_utils import gpt_config_from_args, pretrain_cfg_container_from_args
+    from megatron.training.arguments import parse_and_validate_args
+
+    from . import gpt_entry
+
+    args = parse_and_validate_args(args_defaults={"tokenizer_type": "GPT2BPETokenizer"})
+    gpt_entry.check_supported(args)
+    model_cfg = gpt_config_from_args(args)
+    skip_dataset_helper_compile_if_prebuilt()
+    pretrain(
+        pretrain_cfg_container_from_args(args, model_cfg),
+        gpt_entry.train_valid_test_datasets_provider,
+        ModelType.encoder_or_decoder,
+        gpt_entry.forward_step,
+    )
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,56 @@
+"""Put mHC into a megatron.training ``GPTModelConfig``: its layer spec becomes a function that
+builds the mHC block spec of each pipeline stage from whatever residual spec the config had."""
+
+from __future__ import annotations
+
+import inspect
+
+from megatron.core.transformer.enums import AttnBackend
+from megatron.core.transformer.spec_utils import ModuleSpec
+
+from ..mcore.settings import MHCSettings, check_transformer_config
+from ..mcore.specs import mhc_block_spec, with_core_attention
+
+
+def _residual_spec(base, model_cfg, vp_stage):
+    """The spec ``GPTModelBuilder`` would have used for this stage."""
+    from megatron.training.models.gpt import default_layer_spec
+
+    if base is None:
+        return default_layer_spec(model_cfg, vp_stage)
+    if isinstance(base, ModuleSpec) or not callable(base):
+        return base
+    if "vp_stage" in inspect.signature(base).parameters:
+        return base(model_cfg, vp_stage=vp_stage)
+    return base(model_cfg)
+
+
+def apply_mhc_to_gpt_config(model_cfg, settings: MHCSettings):
+    """Make ``model_cfg`` (a ``GPTModelConfig``) build mHC/HC layers; residual mode: unchanged.
+
+    The settings are also left on the transformer config as ``mhc_settings`` for the parts of
+    the plugin that only see the config (pipeline shapes, diagnostics).
+    """
+    transformer = model_cfg.transformer
+    transformer.mhc_settings = settings
+    if not settings.enabled:
+        return model_cfg
+    check_transformer_config(transformer, settings)
+    if getattr(transformer, "mtp_num_layers", None):
+        raise ValueError(
+            f"--residual-mode {settings.mode} with --mtp-num-layers is not supported yet "
+            "(Multi-Token Prediction layers would receive the n-stream residual); drop --mtp-num-layers"
+        )
+    base = model_cfg.transformer_layer_spec
+
+    def mhc_layer_spec(cfg, vp_stage=None):
+        residual = _residual_spec(base, cfg, vp_stage)
+        if getattr(cfg, "attention_backend", None) == AttnBackend.local:
+            # GPTModelBuilder applies this override only to single layer specs; keep it.
+            from megatron.core.transformer.dot_product_attention import DotProductAttention
+
+            residual = with_core_attention(residual, DotProductAttention)
+        return mhc_block_spec(residual, cfg.transformer, settings, vp_stage)
+
+    model_cfg.transformer_layer_spec = mhc_layer_spec
+    return model_cfg

@@ -1,0 +1,85 @@
+"""The mhc-pretrain-gpt launcher: flags, validation, and the model it builds."""
+
+import argparse
+import os
+import subprocess
+import sys
+
+import pytest
+
+from launcher_workers import TINY_GPT_ARGS, build_from_cli
+from mcore_helpers import run_distributed
+from mhc_megatron.training import mhc_settings_from_args
+from mhc_megatron.training.arguments import add_mhc_arguments
+
+LAUNCHER = [sys.executable, "-m", "mhc_megatron.training.launcher"]
+
+
+def _run(args, timeout=300):
+    env = dict(os.environ, WORLD_SIZE="1", RANK="0", PYTHONWARNINGS="ignore")
+    return subprocess.run(LAUNCHER + args, capture_output=True, text=True, timeout=timeout, env=env)
+
+
+def test_help_lists_megatron_and_mhc_flags():
+    out = _run(["--help"])
+    assert out.returncode == 0, out.stderr
+    for flag in ("--residual-mode", "--expansion-rate", "--mhc-sinkhorn-iters", "--megatron-lm",
+                 "--tensor-model-parallel-size", "--pipeline-model-parallel-size"):
+        assert flag in out.stdout, flag
+
+
+def test_expansion_rate_without_mhc_mode_is_refused():
+    out = _run([*TINY_GPT_ARGS, "--expansion-rate", "4"])
+    assert out.returncode == 2
+    assert "--expansion-rate 4 needs --residual-mode hc or mhc" in out.stderr
+
+
+def test_bad_expansion_rate_is_refused_before_training():
+    out = _run([*TINY_GPT_ARGS, "--residual-mode", "mhc", "--expansion-rate", "0"])
+    assert out.returncode == 2
+    assert "expansion rate must be an integer >= 1, got 0" in out.stderr
+
+
+def test_missing_checkout_is_named():
+    out = _run(["--megatron-lm", "/nonexistent", *TINY_GPT_ARGS])
+    assert out.returncode == 2 and "no pretrain_gpt.py there" in out.stderr
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("mode,n", [("mhc", 3), ("hc", 2), ("residual", None)])
+def test_cli_builds_the_mhc_model(mode, n):
+    extra = ["--residual-mode", mode] + (["--expansion-rate", str(n)] if n else [])
+    (result,) = run_distributed(build_from_cli, 1, extra)
+    settings = result["settings"]
+    assert settings.mode == mode and settings.expansion_rate == (n or 4)
+    expected = "MHCSublayerInput" if mode != "residual" else "RMSNorm"
+    assert result["input_module"] == expected
+    assert result["final_norm"] == ("MHCStreamContraction" if mode != "residual" else "RMSNorm")
+    assert result["loss"] > 0
+
+
+def _parse(argv):
+    parser = add_mhc_arguments(argparse.ArgumentParser())
+    return parser.parse_args(argv)
+
+
+def test_settings_defaults_and_upstream_flag_clash():
+    s = mhc_settings_from_args(_parse(["--residual-mode", "mhc"]))
+    assert s.expansion_rate == 4 and s.sinkhorn_iters == 20 and s.alpha_init == 0.01
+    args = _parse(["--residual-mode", "mhc"])
+    args.enable_mhc_connections = True  # upstream Megatron-LM main's own flag
+    with pytest.raises(ValueError, match="use one of them"):
+        mhc_settings_from_args(args)
+
+
+def test_prebuilt_dataset_helpers_skip_the_make_step():
+    from mhc_megatron.training.launcher import skip_dataset_helper_compile_if_prebuilt
+
+    import megatron.training.initialize as initialize
+
+    original = initialize._compile_dependencies
+    try:
+        assert skip_dataset_helper_compile_if_prebuilt()  # the wheel ships helpers_cpp, no Makefile
+        assert initialize._compile_dependencies is not original
+    finally:
+        initialize._compile_dependencies = original
