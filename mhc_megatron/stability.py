@@ -71,19 +71,7 @@ def stability_report(settings: StabilitySettings) -> dict:
     for mode in ("hc", "mhc"):
         gen = torch.Generator().manual_seed(settings.seed)
         h_res = [_layer_h_res(mode, layer, settings, gen) for layer in range(settings.layers)]
-        single = [ops.amax_gain(m) for m in h_res]
-        prefixes = ops.composite_mapping(h_res, cumulative=True)
-        composite = [ops.amax_gain(p) for p in prefixes]
-        report[mode] = {
-            "single_forward_gain": [float(f) for f, _ in single],
-            "single_backward_gain": [float(b) for _, b in single],
-            "max_single_forward_gain": max(float(f) for f, _ in single),
-            "max_single_backward_gain": max(float(b) for _, b in single),
-            "composite_forward_gain_by_depth": [float(f) for f, _ in composite],
-            "composite_backward_gain_by_depth": [float(b) for _, b in composite],
-            "composite_forward_gain": float(composite[-1][0]),
-            "composite_backward_gain": float(composite[-1][1]),
-        }
+        report[mode] = ops.gain_profile(h_res)
     return report
 
 

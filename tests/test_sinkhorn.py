@@ -101,3 +101,29 @@ def test_bad_iters(bad):
 def test_non_square():
     with pytest.raises(ValueError, match=r"square matrices \[\.\.\., n, n\], got shape \(4, 3\)"):
         sinkhorn_knopp(torch.randn(4, 3))
+
+
+def sinkhorn_log(logits, iters):
+    """Every step in the log domain (the safe but slow form), as an independent reference."""
+    z = logits
+    for _ in range(iters):
+        z = z - torch.logsumexp(z, dim=-2, keepdim=True)
+        z = z - torch.logsumexp(z, dim=-1, keepdim=True)
+    return z.exp()
+
+
+@pytest.mark.parametrize("spread", [1.0, 30.0, 300.0])
+def test_matches_all_log_domain_iteration_at_wide_spreads(spread):
+    logits = spread * torch.randn(256, 4, 4, dtype=torch.float64)
+    torch.testing.assert_close(sinkhorn_knopp(logits, 20), sinkhorn_log(logits, 20), rtol=1e-9, atol=1e-12)
+    logits32 = logits.float()
+    torch.testing.assert_close(sinkhorn_knopp(logits32, 20), sinkhorn_log(logits32, 20), rtol=1e-4, atol=1e-5)
+
+
+def test_rows_far_below_the_rest_stay_finite():
+    """A row whose logits all underflow exp() next to the others: 0/0 in the linear form."""
+    logits = torch.tensor([[0.0, 0.0], [-1e4, -1e4]]).requires_grad_()
+    m = sinkhorn_knopp(logits, 20)
+    torch.testing.assert_close(m, torch.full((2, 2), 0.5))
+    m.sum().backward()
+    assert torch.isfinite(logits.grad).all()

@@ -7,13 +7,14 @@ Everything a layer needs, with the spec's notation (``x`` is the n-stream residu
 * :func:`mhc_pre`: the sublayer input ``H_pre · x``;
 * :func:`mhc_post_res`: the next residual ``H_res · x + H_post^T · F(...)``;
 * :func:`expand_streams` / :func:`contract_streams`: model entry and exit;
-* :func:`amax_gain`, :func:`composite_mapping`, :func:`composite_amax_gain`: stability diagnostics;
+* :func:`amax_gain`, :func:`composite_mapping`, :func:`composite_amax_gain`, :func:`gain_profile`:
+  stability diagnostics;
 * :func:`init_mhc_parameters` / :func:`init_hc_parameters`: initial parameters of one sublayer.
 """
 
 from ._checks import check_expansion_rate, check_iters
 from .coefficients import hc_coefficients, mhc_coefficients, num_coefficients
-from .gain import amax_gain, composite_amax_gain, composite_mapping
+from .gain import amax_gain, composite_amax_gain, composite_mapping, gain_profile
 from .init import (
     DEFAULT_ALPHA,
     HCParameters,
@@ -35,6 +36,7 @@ __all__ = [
     "composite_mapping",
     "contract_streams",
     "expand_streams",
+    "gain_profile",
     "hc_coefficients",
     "init_hc_parameters",
     "init_mhc_parameters",

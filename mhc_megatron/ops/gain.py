@@ -51,3 +51,28 @@ def composite_amax_gain(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Amax gains of the composite mapping over all layers (see :func:`amax_gain`)."""
     return amax_gain(composite_mapping(h_res_layers))
+
+
+def gain_profile(h_res_layers: Sequence[torch.Tensor]) -> dict:
+    """Everything the stability reports print, as plain floats: the Amax gains of every layer
+    and of the composite mapping from the first layer to every depth (spec section 6)."""
+    layers = list(h_res_layers)
+    if not layers:  # no mixing at all: a residual model
+        return {
+            "single_forward_gain": [], "single_backward_gain": [],
+            "composite_forward_gain_by_depth": [], "composite_backward_gain_by_depth": [],
+            "max_single_forward_gain": 1.0, "max_single_backward_gain": 1.0,
+            "composite_forward_gain": 1.0, "composite_backward_gain": 1.0,
+        }
+    single = [tuple(float(g) for g in amax_gain(m)) for m in layers]
+    composite = [tuple(float(g) for g in amax_gain(p)) for p in composite_mapping(layers, cumulative=True)]
+    return {
+        "single_forward_gain": [f for f, _ in single],
+        "single_backward_gain": [b for _, b in single],
+        "composite_forward_gain_by_depth": [f for f, _ in composite],
+        "composite_backward_gain_by_depth": [b for _, b in composite],
+        "max_single_forward_gain": max(f for f, _ in single),
+        "max_single_backward_gain": max(b for _, b in single),
+        "composite_forward_gain": composite[-1][0],
+        "composite_backward_gain": composite[-1][1],
+    }

@@ -1,20 +1,20 @@
 """Sinkhorn-Knopp projection of ``n x n`` logits onto (nearly) doubly stochastic matrices.
 
 The paper's iteration (eq. 9) is ``M0 = exp(logits)``, then ``iters`` times: normalise the
-columns to sum 1, then the rows. We run the same iteration in the log domain::
+columns to sum 1, then the rows. Every step only rescales rows or columns, so it can run in the
+log domain (``z <- z - logsumexp(z, dim)``) or the linear one (``P <- P / sum(P, dim)``) with
+the same result. We run the first iteration in the log domain, which keeps logits of any
+magnitude finite (a column whose entries all underflow ``exp`` would be 0/0 in the linear
+form), and the rest in the cheaper linear domain. That is safe: after one full log-domain
+iteration every row and every column has an entry of at least ``1/n^2``, and each linear step
+keeps that true (a normalised row or column has an entry >= 1/n, and no sum exceeds n), so no
+sum can underflow. Ending on rows makes every row sum 1 up to rounding; the finite-``iters``
+error shows in the column sums only.
 
-    z <- z - logsumexp(z, over rows)    # columns of exp(z) sum to 1
-    z <- z - logsumexp(z, over columns) # rows of exp(z) sum to 1
-
-which is the same maths (every step only rescales rows or columns of ``M0``) but stays finite
-for logits of any magnitude: a column whose entries all underflow ``exp`` in the linear form
-(0/0) is still normalised here. Ending on rows makes every row sum 1 up to rounding, so the
-finite-``iters`` error shows in the column sums only.
-
-Backward of one step ``b = a - logsumexp(a, dim)`` is ``ga = gb - exp(b) * sum(gb, dim)``: it
-needs only the normalised matrix ``exp(b)`` of that step. The autograd function keeps just the
-logits and recomputes those ``2 * iters`` matrices inside ``backward``, so nothing of size
-``iters`` stays alive between forward and backward.
+Backward: in terms of ``z = log P``, every step ``b = a - logsumexp(a, dim)`` has the gradient
+``ga = gb - exp(b) * sum(gb, dim)``, which needs only the normalised matrix ``exp(b)`` of that
+step. The autograd function keeps just the logits and recomputes those ``2 * iters`` matrices
+inside ``backward``, so nothing of size ``iters`` stays alive between forward and backward.
 """
 
 from __future__ import annotations
@@ -25,17 +25,22 @@ from ._checks import check_iters, compute_dtype
 
 
 def _row_col_steps(logits: torch.Tensor, iters: int, keep: bool):
-    """Run the log-domain iteration; optionally keep each step's normalised matrix."""
-    z = logits
+    """Run the iteration; optionally keep each step's normalised matrix (2 per iteration)."""
     kept = []
-    for _ in range(iters):
-        z = z - torch.logsumexp(z, dim=-2, keepdim=True)  # columns
+    z = logits - torch.logsumexp(logits, dim=-2, keepdim=True)  # columns, log domain
+    if keep:
+        kept.append(z.exp())
+    p = (z - torch.logsumexp(z, dim=-1, keepdim=True)).exp()  # rows, log domain
+    if keep:
+        kept.append(p)
+    for _ in range(iters - 1):
+        p = p / p.sum(dim=-2, keepdim=True)  # columns
         if keep:
-            kept.append(z.exp())
-        z = z - torch.logsumexp(z, dim=-1, keepdim=True)  # rows
+            kept.append(p)
+        p = p / p.sum(dim=-1, keepdim=True)  # rows
         if keep:
-            kept.append(z.exp())
-    return z.exp(), kept
+            kept.append(p)
+    return p, kept
 
 
 def sinkhorn_backward(logits: torch.Tensor, grad_out: torch.Tensor, iters: int) -> torch.Tensor:

@@ -1,0 +1,1 @@
+"""Data shipped with the package: the demo corpus (Genesis, King James Version, public domain)."""

@@ -1,0 +1,1 @@
+"""The tiny demo (``mhc-megatron demo``): data, model, training loop and report."""

@@ -1,0 +1,73 @@
+"""The demo's model: a megatron-core ``GPTModel`` built from our mHC specs, single process."""
+
+from __future__ import annotations
+
+import os
+import socket
+
+import torch
+
+from ..mcore import MHCSettings
+from ..mcore.attention import SDPACoreAttention
+from ..mcore.specs import mhc_block_spec, with_core_attention
+
+
+def init_single_process(device: torch.device) -> None:
+    """A one-rank process group and megatron-core's model-parallel state (TP = PP = 1)."""
+    import torch.distributed as dist
+    from megatron.core import parallel_state
+
+    if not dist.is_initialized():
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+        dist.init_process_group(
+            "nccl" if device.type == "cuda" else "gloo",
+            init_method=f"tcp://127.0.0.1:{port}",
+            rank=0,
+            world_size=1,
+        )
+    if not parallel_state.model_parallel_is_initialized():
+        parallel_state.initialize_model_parallel(1, 1)
+
+
+def build_demo_model(
+    settings: MHCSettings,
+    *,
+    layers: int,
+    hidden: int,
+    heads: int,
+    seq_len: int,
+    vocab_size: int,
+    seed: int,
+    device: torch.device,
+):
+    """A small pre-norm GPT (RMSNorm, GELU MLP, learned positions, no dropout).
+
+    Attention is :class:`SDPACoreAttention`, which runs on CPU and GPU alike; everything else is
+    megatron-core's local spec, turned into an mHC/HC block spec by ``mhc_block_spec``.
+    """
+    from megatron.core.models.gpt import GPTModel
+    from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
+    from megatron.core.transformer.transformer_config import TransformerConfig
+
+    config = TransformerConfig(
+        num_layers=layers,
+        hidden_size=hidden,
+        num_attention_heads=heads,
+        ffn_hidden_size=4 * hidden,
+        normalization="RMSNorm",
+        hidden_dropout=0.0,
+        attention_dropout=0.0,
+        use_cpu_initialization=True,
+        bias_dropout_fusion=False,
+        masked_softmax_fusion=False,
+        gradient_accumulation_fusion=False,
+        persist_layer_norm=False,
+    )
+    torch.manual_seed(seed)
+    layer = with_core_attention(get_gpt_layer_local_spec(normalization="RMSNorm"), SDPACoreAttention)
+    spec = mhc_block_spec(layer, config, settings)
+    model = GPTModel(config, spec, vocab_size=vocab_size, max_sequence_length=seq_len)
+    return model.to(device)
