@@ -111,5 +111,11 @@ def check_transformer_config(config, settings: MHCSettings) -> None:
             "the inference-optimized layers (they fuse the residual add into the projections)",
             "use --transformer-impl local or transformer_engine",
         )
+    if (getattr(config, "pipeline_model_parallel_size", 1) or 1) > 1:
+        refuse(
+            f"pipeline parallelism (pipeline_model_parallel_size={config.pipeline_model_parallel_size}) "
+            "yet: Megatron's schedules size the stage buffers with hidden_size, not n*hidden_size",
+            "run with --pipeline-model-parallel-size 1 for now",
+        )
     if getattr(config, "heterogeneous_block_specs", False):
         refuse("heterogeneous block specs", "use a homogeneous GPT layer spec")
