@@ -89,7 +89,7 @@ class MHCCoefficients(_Coefficients):
     def compute(self, x: torch.Tensor):
         s = self.settings
         return ops.mhc_coefficients(
-            x, self.phi, self.bias, self.alpha, iters=s.sinkhorn_iters, eps=s.coeff_eps
+            x, self.phi, self.bias, self.alpha, iters=s.sinkhorn_iters, eps=s.coeff_eps, backend=s.backend
         )
 
 
@@ -110,4 +110,5 @@ class HCCoefficients(_Coefficients):
                 param.copy_(value)
 
     def compute(self, x: torch.Tensor):
-        return ops.hc_coefficients(x, self.theta, self.bias, self.alpha, eps=self.settings.coeff_eps)
+        # HC has no fused kernel (a comparison mode): the reference, whatever the backend
+        return ops.hc_coefficients(x, self.theta, self.bias, self.alpha, eps=self.settings.coeff_eps, backend="reference")

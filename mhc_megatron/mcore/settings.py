@@ -7,6 +7,7 @@ import math
 from dataclasses import dataclass
 
 from ..ops import check_expansion_rate, check_iters
+from ..ops._backend import BACKENDS
 
 RESIDUAL_MODES = ("residual", "hc", "mhc")
 CONTRACTIONS = ("mean", "sum")
@@ -27,6 +28,8 @@ class MHCSettings:
     check_finite: raise as soon as a coefficient is NaN/Inf (one device sync per sublayer;
         for debugging).
     contraction: how the streams are combined at the model exit (``mean`` or ``sum``).
+    backend: the ops' backend: ``auto`` (fused Triton kernels on CUDA, the PyTorch reference
+        elsewhere), ``reference`` or ``triton``.
     """
 
     mode: str = "residual"
@@ -37,6 +40,7 @@ class MHCSettings:
     coeff_eps: float = 1e-6
     check_finite: bool = False
     contraction: str = "mean"
+    backend: str = "auto"
 
     def __post_init__(self):
         if self.mode not in RESIDUAL_MODES:
@@ -55,6 +59,9 @@ class MHCSettings:
             raise ValueError(
                 f"stream contraction must be one of {', '.join(CONTRACTIONS)}, got {self.contraction!r}"
             )
+
+        if self.backend not in BACKENDS:
+            raise ValueError(f"mHC kernel backend must be one of {', '.join(BACKENDS)}, got {self.backend!r}")
 
     @property
     def enabled(self) -> bool:

@@ -82,9 +82,9 @@ def mhc_layer_spec(layer_spec: ModuleSpec, settings: MHCSettings, layer_index: i
     new_sub = dataclasses.replace(
         sub,
         input_layernorm=sublayer_input(sub.input_layernorm, 2 * layer_index, layer_index == 0),
-        self_attn_bda=ModuleSpec(module=MHCSublayerOutput),
+        self_attn_bda=ModuleSpec(module=MHCSublayerOutput, params={"settings": settings}),
         pre_mlp_layernorm=sublayer_input(sub.pre_mlp_layernorm, 2 * layer_index + 1, False),
-        mlp_bda=ModuleSpec(module=MHCSublayerOutput),
+        mlp_bda=ModuleSpec(module=MHCSublayerOutput, params={"settings": settings}),
         sharded_state_dict_keys_map=_remap_norm_keys(sub.sharded_state_dict_keys_map),
     )
     return dataclasses.replace(layer_spec, submodules=new_sub)

@@ -78,6 +78,7 @@ class MHCSublayerInput(MegatronModule):
         self.n = settings.expansion_rate
         self.hidden_size = hidden_size
         self.expand_input = expand_input
+        self.backend = settings.backend
         self.coefficients = build_module(
             coefficients, config=config, hidden_size=hidden_size, settings=settings
         )
@@ -97,7 +98,7 @@ class MHCSublayerInput(MegatronModule):
                 f"mHC sublayer {self.coefficients.sublayer_index}",
             )
         h_pre, h_post, h_res = self.coefficients(x)
-        normed = self.norm(ops.mhc_pre(x, h_pre))
+        normed = self.norm(ops.mhc_pre(x, h_pre, backend=self.backend))
         if isinstance(normed, tuple):  # a residual-fused norm returns (output, residual)
             normed = normed[0]
         return normed, MHCResidual(x, h_post, h_res)
@@ -110,14 +111,15 @@ class MHCSublayerOutput(torch.nn.Module):
     function ``(output_with_bias, residual, dropout_prob) -> next residual``.
     """
 
-    def __init__(self, config=None):
+    def __init__(self, config=None, settings: MHCSettings | None = None):
         super().__init__()
+        self.backend = settings.backend if settings is not None else "auto"
 
     def forward(self, training: bool, fused: bool = False):
-        return functools.partial(self._post_residual, training=training)
+        return functools.partial(self._post_residual, training=training, backend=self.backend)
 
     @staticmethod
-    def _post_residual(output_with_bias, residual, prob: float, training: bool) -> torch.Tensor:
+    def _post_residual(output_with_bias, residual, prob: float, training: bool, backend: str) -> torch.Tensor:
         if not isinstance(residual, MHCResidual):
             raise TypeError(
                 "MHCSublayerOutput needs the MHCResidual made by MHCSublayerInput in the same "
@@ -128,7 +130,7 @@ class MHCSublayerOutput(torch.nn.Module):
         if bias is not None:
             out = out + bias
         out = torch.nn.functional.dropout(out, p=prob, training=training)
-        x = ops.mhc_post_res(residual.x, out, residual.h_post, residual.h_res)
+        x = ops.mhc_post_res(residual.x, out, residual.h_post, residual.h_res, backend=backend)
         return x.flatten(-2)
 
 

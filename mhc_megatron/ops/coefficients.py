@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import torch
 
+from ._backend import choose
 from ._checks import check_iters, check_shape, check_streams, compute_dtype
 from .sinkhorn import sinkhorn_knopp
 
@@ -30,6 +31,7 @@ def mhc_coefficients(
     alpha: torch.Tensor,
     iters: int = 20,
     eps: float = 1e-6,
+    backend: str = "auto",
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """mHC coefficients of the n-stream input ``x`` ``[..., n, C]`` (spec section 2).
 
@@ -45,6 +47,8 @@ def mhc_coefficients(
 
     Args:
         phi: ``[n*C, n*n + 2n]`` projection. bias: ``[n*n + 2n]``. alpha: ``[3]`` gates.
+        backend: ``"auto"`` (the fused Triton kernels for CUDA tensors), ``"reference"`` or
+            ``"triton"``.
 
     Returns:
         ``(h_pre [..., n], h_post [..., n], h_res [..., n, n])`` in the compute dtype.
@@ -55,6 +59,10 @@ def mhc_coefficients(
     check_shape(phi, (n * C, m), "phi", f"[n*C, n*n+2n] for n={n}, C={C}")
     check_shape(bias, (m,), "bias", f"[n*n+2n] for n={n}")
     check_shape(alpha, (3,), "alpha", "the gates (alpha_pre, alpha_post, alpha_res)")
+    if choose("mhc_coefficients", backend, x, phi, n=n) == "triton":
+        from ..kernels.coefficients import mhc_coefficients_triton
+
+        return mhc_coefficients_triton(x, phi, bias, alpha, iters, eps)
 
     dt = compute_dtype(x)
     v = x.reshape(*x.shape[:-2], n * C).to(dt)
@@ -63,7 +71,7 @@ def mhc_coefficients(
     logits = proj * inv_r * _gate_vector(alpha.to(dt), n) + bias.to(dt)
     h_pre = torch.sigmoid(logits[..., :n])
     h_post = 2.0 * torch.sigmoid(logits[..., n : 2 * n])
-    h_res = sinkhorn_knopp(logits[..., 2 * n :].unflatten(-1, (n, n)), iters)
+    h_res = sinkhorn_knopp(logits[..., 2 * n :].unflatten(-1, (n, n)), iters, backend="reference")
     return h_pre, h_post, h_res
 
 
@@ -73,6 +81,7 @@ def hc_coefficients(
     bias: torch.Tensor,
     alpha: torch.Tensor,
     eps: float = 1e-6,
+    backend: str = "auto",
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Unconstrained Hyper-Connections coefficients (dynamic HC, arXiv 2409.19606).
 
@@ -83,8 +92,14 @@ def hc_coefficients(
     ``H_res[j, i] = alpha_res tanh(d_res_i[j]) + b_res[j, i]`` (column i is written by the
     source stream i). No sigmoid, no Sinkhorn: the matrices may drift anywhere.
 
+    HC is kept for comparison and has no fused kernel: every ``backend`` but ``"triton"`` (an
+    error) runs this PyTorch code.
+
     Returns ``(h_pre [..., n], h_post [..., n], h_res [..., n, n])`` in the compute dtype.
     """
+    if backend == "triton":
+        raise ValueError("hc_coefficients has no Triton kernel (HC is a comparison mode); use backend='auto' or 'reference'")
+    choose("hc_coefficients", "reference" if backend == "auto" else backend)
     n, C = check_streams(x)
     m = num_coefficients(n)
     check_shape(theta, (C, n + 2), "theta", f"[C, n+2] for n={n}, C={C}")

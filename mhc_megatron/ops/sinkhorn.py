@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import torch
 
+from ._backend import choose
 from ._checks import check_iters, compute_dtype
 
 
@@ -68,17 +69,22 @@ class _SinkhornKnopp(torch.autograd.Function):
         return sinkhorn_backward(logits, grad_out.to(logits.dtype), ctx.iters), None
 
 
-def sinkhorn_knopp(logits: torch.Tensor, iters: int = 20) -> torch.Tensor:
+def sinkhorn_knopp(logits: torch.Tensor, iters: int = 20, backend: str = "auto") -> torch.Tensor:
     """Project logits ``[..., n, n]`` onto an approximately doubly stochastic matrix.
 
     Runs ``iters`` column-then-row normalisations of ``exp(logits)`` (the paper's order, so every
     row sums to 1). Half-precision inputs are computed and returned in float32; float64 stays
     float64. Differentiable, with a backward that recomputes the iterations.
+    ``backend``: ``"auto"`` (Triton for CUDA tensors), ``"reference"`` or ``"triton"``.
     """
     iters = check_iters(iters)
     if logits.dim() < 2 or logits.shape[-1] != logits.shape[-2]:
         raise ValueError(
             f"sinkhorn_knopp expects square matrices [..., n, n], got shape {tuple(logits.shape)}"
         )
+    if choose("sinkhorn_knopp", backend, logits, n=logits.shape[-1]) == "triton":
+        from ..kernels.sinkhorn import sinkhorn_knopp_triton
+
+        return sinkhorn_knopp_triton(logits, iters)
     return _SinkhornKnopp.apply(logits.to(compute_dtype(logits)), iters)
 

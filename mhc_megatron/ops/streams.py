@@ -7,30 +7,44 @@ from __future__ import annotations
 
 import torch
 
+from ._backend import choose
 from ._checks import check_expansion_rate, check_shape, check_streams, compute_dtype
 
 
-def mhc_pre(x: torch.Tensor, h_pre: torch.Tensor) -> torch.Tensor:
-    """Sublayer input ``H_pre · x``: ``[..., n, C]`` and ``[..., n]`` -> ``[..., C]``."""
+def mhc_pre(x: torch.Tensor, h_pre: torch.Tensor, backend: str = "auto") -> torch.Tensor:
+    """Sublayer input ``H_pre · x``: ``[..., n, C]`` and ``[..., n]`` -> ``[..., C]``.
+
+    ``backend``: ``"auto"`` (Triton for CUDA tensors), ``"reference"`` or ``"triton"``.
+    """
     n, _ = check_streams(x)
     check_shape(h_pre, x.shape[:-1], "h_pre", "x.shape[:-1], one weight per stream")
+    if choose("mhc_pre", backend, x, h_pre, n=n) == "triton":
+        from ..kernels.pre import mhc_pre_triton
+
+        return mhc_pre_triton(x, h_pre)
     dt = compute_dtype(x)
     return torch.einsum("...n,...nc->...c", h_pre.to(dt), x.to(dt)).to(x.dtype)
 
 
 def mhc_post_res(
-    x: torch.Tensor, f: torch.Tensor, h_post: torch.Tensor, h_res: torch.Tensor
+    x: torch.Tensor, f: torch.Tensor, h_post: torch.Tensor, h_res: torch.Tensor, backend: str = "auto"
 ) -> torch.Tensor:
     """Next residual ``H_res · x + H_post^T · f``.
 
     Shapes: x ``[..., n, C]``, f ``[..., C]`` (the sublayer output), h_post ``[..., n]``,
     h_res ``[..., n, n]``; returns ``[..., n, C]`` in the dtype of ``x``.
+    ``backend``: ``"auto"`` (the fused Triton kernel for CUDA tensors), ``"reference"`` or
+    ``"triton"``.
     """
     n, C = check_streams(x)
     lead = x.shape[:-2]
     check_shape(f, (*lead, C), "f", "the sublayer output, x.shape[:-2] + (C,)")
     check_shape(h_post, (*lead, n), "h_post", "x.shape[:-1]")
     check_shape(h_res, (*lead, n, n), "h_res", "x.shape[:-2] + (n, n)")
+    if choose("mhc_post_res", backend, x, f, h_post, h_res, n=n) == "triton":
+        from ..kernels.post_res import mhc_post_res_triton
+
+        return mhc_post_res_triton(x, f, h_post, h_res)
     dt = compute_dtype(x)
     mixed = torch.einsum("...ij,...jc->...ic", h_res.to(dt), x.to(dt))
     out = mixed + h_post.to(dt).unsqueeze(-1) * f.to(dt).unsqueeze(-2)

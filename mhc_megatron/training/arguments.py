@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 
 from ..mcore.settings import CONTRACTIONS, RESIDUAL_MODES, MHCSettings
+from ..ops._backend import BACKENDS
 
 DEFAULT_EXPANSION_RATE = 4
 
@@ -63,6 +64,13 @@ def add_mhc_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParse
         default=d.contraction,
         help="How the streams are combined before the final norm (default %(default)s).",
     )
+    g.add_argument(
+        "--mhc-kernels",
+        choices=BACKENDS,
+        default=d.backend,
+        help="mHC ops backend: auto = fused Triton kernels on CUDA (the PyTorch reference, with a "
+        "warning, for inputs they do not support), reference, or triton (default %(default)s).",
+    )
     return parser
 
 
@@ -104,4 +112,5 @@ def mhc_settings_from_args(args: argparse.Namespace) -> MHCSettings:
         coeff_eps=args.mhc_coeff_eps,
         check_finite=args.mhc_check_finite,
         contraction=args.mhc_contraction,
+        backend=args.mhc_kernels,
     )
