@@ -4,7 +4,7 @@ from __future__ import annotations
 
 
 def add_parser(sub) -> None:
-    from ..demo.train import DemoConfig
+    from ..demo.config import DemoConfig
 
     d = DemoConfig()
     p = sub.add_parser(
@@ -53,7 +53,8 @@ def _quiet_megatron() -> None:
 def run(args) -> int:
     _quiet_megatron()
     from ..demo.report import format_table, write_outputs
-    from ..demo.train import DemoConfig, run_demo
+    from ..demo.config import DemoConfig
+    from ..demo.train import run_demo
 
     cfg = DemoConfig(
         modes=tuple(m.strip() for m in args.modes.split(",") if m.strip()),

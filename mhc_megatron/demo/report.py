@@ -5,7 +5,8 @@ from __future__ import annotations
 import json
 import os
 
-from .train import DemoConfig, ModeResult, config_dict
+from .config import DemoConfig
+from .train import ModeResult, config_dict
 
 
 def overhead(results: dict[str, ModeResult], mode: str) -> float | None:

@@ -1,0 +1,61 @@
+"""``mhc-megatron bench kernels``: the kernel benchmark (see mhc_megatron/bench/kernels.py)."""
+
+from __future__ import annotations
+
+import json
+
+
+def _ints(text: str) -> tuple[int, ...]:
+    return tuple(int(v) for v in text.split(",") if v.strip())
+
+
+def add_parser(sub) -> None:
+    p = sub.add_parser("bench", help="benchmarks that print tables", description="Benchmarks that print tables.")
+    bench = p.add_subparsers(dest="bench", metavar="BENCH", required=True)
+    k = bench.add_parser(
+        "kernels",
+        help="time the mHC ops per implementation against the memory-traffic floor",
+        description=(
+            "Time coefficients, pre-mix, post+residual and the whole mHC sublayer, forward and "
+            "backward, for our Triton kernels, the PyTorch reference, torch.compile of the reference "
+            "and Liger-Kernel (when importable); print time, GB/s against the memory-traffic floor, "
+            "the fraction of the measured copy bandwidth, and the speed-up over the reference. "
+            "--device cpu runs a tiny smoke version in Triton's interpreter (timings meaningless)."
+        ),
+    )
+    k.add_argument("--tokens", default="4096,16384", help="comma-separated token counts (default %(default)s)")
+    k.add_argument("--hidden", default="2048,4096,7168", help="comma-separated widths C (default %(default)s)")
+    k.add_argument("--expansion-rate", type=int, default=4, help="streams n (default %(default)s)")
+    k.add_argument("--dtype", choices=("bf16", "fp16", "fp32"), default="bf16", help="activation dtype (default %(default)s)")
+    k.add_argument("--sinkhorn-iters", type=int, default=20, help="Sinkhorn iterations (default %(default)s)")
+    k.add_argument("--impls", default="triton,reference,compile,liger", help="implementations (default %(default)s)")
+    k.add_argument("--device", choices=("cuda", "cpu"), default="cuda", help="cuda, or cpu for the interpreted smoke run")
+    k.add_argument("--reps", type=int, default=20, help="timed repetitions (default %(default)s)")
+    k.add_argument("--json", action="store_true", help="print the records as JSON")
+    k.set_defaults(run=run)
+
+
+def run(args) -> int:
+    import torch
+
+    from ..bench import kernels as kb
+
+    if args.device == "cpu":
+        kb.enable_cpu_interpreter()
+        tokens, hidden, impls, warmup, reps = (8,), (32,), ("triton", "reference"), 1, 1
+    else:
+        if not torch.cuda.is_available():
+            raise ValueError("bench kernels needs a CUDA device; use --device cpu for the interpreted smoke run")
+        tokens, hidden, warmup, reps = _ints(args.tokens), _ints(args.hidden), 5, args.reps
+        impls = tuple(i.strip() for i in args.impls.split(",") if i.strip())
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[args.dtype]
+    records, copy_gbps = kb.run_benchmark(
+        tokens=tokens, hidden=hidden, n=args.expansion_rate, dtype=dtype, iters=args.sinkhorn_iters,
+        impls=impls, device=args.device, warmup=warmup, reps=reps,
+    )
+    name = torch.cuda.get_device_name() if args.device == "cuda" else "cpu (Triton interpreter: timings meaningless)"
+    if args.json:
+        print(json.dumps({"device": name, "copy_gbps": copy_gbps, "records": [r.as_dict() for r in records]}))
+    else:
+        print(kb.format_table(records, copy_gbps, name))
+    return 0
