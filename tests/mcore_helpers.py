@@ -2,7 +2,7 @@
 
 The redirections of megatron-core's CUDA-only spots live here, in test code only:
 ``GlobalMemoryBuffer.get_tensor`` (sequence-parallel gathers allocate on the current CUDA device),
-``CudaRNGStatesTracker.fork`` (CUDA RNG state), the MoE router's ``gating`` (moves its weight
+``CudaRNGStatesTracker.fork`` and ``_get/_set_cuda_rng_state`` (CUDA RNG state), the MoE router's ``gating`` (moves its weight
 to the current CUDA device on the first forward) and the sequence-parallel gather/scatter
 mappings (allocate their outputs there); in spawned workers also ``torch.cuda.current_device``
 and ``torch.cuda.synchronize`` as a whole (see ``_whole_process_on_cpu``). Attention uses the product's device-portable
@@ -45,6 +45,9 @@ def cpu_redirections() -> None:
 
     mcore_utils.GlobalMemoryBuffer.get_tensor = get_tensor
     tp_random.CudaRNGStatesTracker.fork = fork
+    # activation checkpointing (Megatron's selective recompute) saves and restores CUDA RNG state
+    tp_random._get_cuda_rng_state = lambda *args, **kwargs: torch.empty(0)
+    tp_random._set_cuda_rng_state = lambda *args, **kwargs: None
 
     from megatron.core.tensor_parallel import mappings
     from megatron.core.transformer.moe import router

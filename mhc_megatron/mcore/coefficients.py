@@ -40,8 +40,10 @@ class _Coefficients(MegatronModule):
         for p in self.parameters(recurse=False):
             p.sequence_parallel = bool(config.sequence_parallel)
 
-    def forward(self, x: torch.Tensor):
-        h = self.compute(x)
+    def forward(self, x: torch.Tensor, *params: torch.Tensor):
+        """``(H_pre, H_post, H_res)`` of ``x``; ``params`` replace the module's own parameters
+        (the recompute path passes them explicitly so that their gradients flow through it)."""
+        h = self.compute(x, *(params or self.coefficient_parameters()))
         if self.settings.check_finite:
             _check_finite(h, x, self.sublayer_index)
         return h
@@ -86,11 +88,12 @@ class MHCCoefficients(_Coefficients):
             for param, value in zip((self.phi, self.bias, self.alpha), init):
                 param.copy_(value)
 
-    def compute(self, x: torch.Tensor):
+    def coefficient_parameters(self) -> tuple[torch.Tensor, ...]:
+        return self.phi, self.bias, self.alpha
+
+    def compute(self, x: torch.Tensor, phi, bias, alpha):
         s = self.settings
-        return ops.mhc_coefficients(
-            x, self.phi, self.bias, self.alpha, iters=s.sinkhorn_iters, eps=s.coeff_eps, backend=s.backend
-        )
+        return ops.mhc_coefficients(x, phi, bias, alpha, iters=s.sinkhorn_iters, eps=s.coeff_eps, backend=s.backend)
 
 
 class HCCoefficients(_Coefficients):
@@ -109,6 +112,9 @@ class HCCoefficients(_Coefficients):
             for param, value in zip((self.theta, self.bias, self.alpha), init):
                 param.copy_(value)
 
-    def compute(self, x: torch.Tensor):
+    def coefficient_parameters(self) -> tuple[torch.Tensor, ...]:
+        return self.theta, self.bias, self.alpha
+
+    def compute(self, x: torch.Tensor, theta, bias, alpha):
         # HC has no fused kernel (a comparison mode): the reference, whatever the backend
-        return ops.hc_coefficients(x, self.theta, self.bias, self.alpha, eps=self.settings.coeff_eps, backend="reference")
+        return ops.hc_coefficients(x, theta, bias, alpha, eps=self.settings.coeff_eps, backend="reference")

@@ -30,6 +30,8 @@ class MHCSettings:
     contraction: how the streams are combined at the model exit (``mean`` or ``sum``).
     backend: the ops' backend: ``auto`` (fused Triton kernels on CUDA, the PyTorch reference
         elsewhere), ``reference`` or ``triton``.
+    recompute: discard the mHC intermediates after the forward pass and recompute them in
+        blocks of ``recompute_block_size`` sublayers (``"auto"``: the L_r* formula, per stage).
     """
 
     mode: str = "residual"
@@ -41,6 +43,8 @@ class MHCSettings:
     check_finite: bool = False
     contraction: str = "mean"
     backend: str = "auto"
+    recompute: bool = False
+    recompute_block_size: int | str = "auto"
 
     def __post_init__(self):
         if self.mode not in RESIDUAL_MODES:
@@ -62,6 +66,9 @@ class MHCSettings:
 
         if self.backend not in BACKENDS:
             raise ValueError(f"mHC kernel backend must be one of {', '.join(BACKENDS)}, got {self.backend!r}")
+        b = self.recompute_block_size
+        if b != "auto" and (isinstance(b, bool) or not isinstance(b, int) or b < 1):
+            raise ValueError(f"mHC recompute block size must be 'auto' or an integer >= 1, got {b!r}")
 
     @property
     def enabled(self) -> bool:
@@ -123,6 +130,12 @@ def check_transformer_config(config, settings: MHCSettings) -> None:
             f"pipeline parallelism (pipeline_model_parallel_size={config.pipeline_model_parallel_size}) "
             "yet: Megatron's schedules size the stage buffers with hidden_size, not n*hidden_size",
             "run with --pipeline-model-parallel-size 1 for now",
+        )
+    if settings.recompute and getattr(config, "recompute_granularity", None) == "full":
+        refuse(
+            "--mhc-recompute together with --recompute-granularity full (full recompute already "
+            "re-runs whole layers, mHC steps included)",
+            "use one of them; --mhc-recompute composes with selective recompute",
         )
     if getattr(config, "heterogeneous_block_specs", False):
         refuse("heterogeneous block specs", "use a homogeneous GPT layer spec")

@@ -33,7 +33,9 @@ from megatron.core.transformer.transformer_layer import (
     get_transformer_layer_offset,
 )
 
+from ..recompute_plan import resolve_block_size
 from .coefficients import HCCoefficients, MHCCoefficients
+from .recompute import BlockRecompute
 from .settings import MHCSettings, check_transformer_config
 from .sublayer import MHCStreamContraction, MHCSublayerInput, MHCSublayerOutput
 
@@ -55,12 +57,18 @@ def _remap_norm_keys(keys_map: dict[str, str]) -> dict[str, str]:
     return {fix(k): fix(v) for k, v in keys_map.items()}
 
 
-def mhc_layer_spec(layer_spec: ModuleSpec, settings: MHCSettings, layer_index: int) -> ModuleSpec:
+def mhc_layer_spec(
+    layer_spec: ModuleSpec,
+    settings: MHCSettings,
+    layer_index: int,
+    recompute: tuple[tuple[BlockRecompute, int], tuple[BlockRecompute, int]] | None = None,
+) -> ModuleSpec:
     """The mHC version of one residual ``TransformerLayer`` spec.
 
     ``layer_index`` is the 0-based global index of the layer in the decoder: its attention is
     mHC sublayer ``2 * layer_index`` and its MLP sublayer ``2 * layer_index + 1``; layer 0 expands
-    the embedding into the n streams.
+    the embedding into the n streams. ``recompute``: the (block, position) of the attention and
+    of the MLP sublayer when mHC recompute is on.
     """
     sub = layer_spec.submodules
     if not isinstance(sub, TransformerLayerSubmodules):
@@ -70,20 +78,24 @@ def mhc_layer_spec(layer_spec: ModuleSpec, settings: MHCSettings, layer_index: i
             f"{type(sub).__name__}; HybridModel layers are not supported yet"
         )
 
-    def sublayer_input(norm, sublayer_index: int, expand: bool):
+    def sublayer_input(norm, sublayer_index: int, expand: bool, block=None):
+        block, position = block or (None, 0)
         return functools.partial(
             MHCSublayerInput,
             norm=norm,
             coefficients=_coefficients_spec(settings, sublayer_index),
             settings=settings,
             expand_input=expand,
+            recompute=block,
+            position=position,
         )
 
+    attn_block, mlp_block = recompute or (None, None)
     new_sub = dataclasses.replace(
         sub,
-        input_layernorm=sublayer_input(sub.input_layernorm, 2 * layer_index, layer_index == 0),
+        input_layernorm=sublayer_input(sub.input_layernorm, 2 * layer_index, layer_index == 0, attn_block),
         self_attn_bda=ModuleSpec(module=MHCSublayerOutput, params={"settings": settings}),
-        pre_mlp_layernorm=sublayer_input(sub.pre_mlp_layernorm, 2 * layer_index + 1, False),
+        pre_mlp_layernorm=sublayer_input(sub.pre_mlp_layernorm, 2 * layer_index + 1, False, mlp_block),
         mlp_bda=ModuleSpec(module=MHCSublayerOutput, params={"settings": settings}),
         sharded_state_dict_keys_map=_remap_norm_keys(sub.sharded_state_dict_keys_map),
     )
@@ -134,10 +146,25 @@ def mhc_block_spec(
             "give the block spec a layer_norm"
         )
     ids = _global_layer_ids(config, len(layer_specs), vp_stage, pp_rank)
+    blocks = recompute_blocks(settings, ids) if settings.recompute else [None] * len(ids)
     return TransformerBlockSubmodules(
-        layer_specs=[mhc_layer_spec(s, settings, i) for s, i in zip(layer_specs, ids)],
+        layer_specs=[mhc_layer_spec(s, settings, i, b) for s, i, b in zip(layer_specs, ids, blocks)],
         layer_norm=functools.partial(MHCStreamContraction, norm=final_norm, settings=settings),
     )
+
+
+def recompute_blocks(settings: MHCSettings, layer_ids: list[int]):
+    """Per local layer, the (block, position) of its two sublayers: blocks of L_r consecutive
+    sublayers of this stage (or virtual chunk), never crossing its boundary."""
+    sublayers = 2 * len(layer_ids)
+    size = resolve_block_size(settings.recompute_block_size, sublayers, settings.expansion_rate)
+    first = 2 * layer_ids[0]
+    blocks = [
+        BlockRecompute(block_index=start // size, size=min(size, sublayers - start), first_sublayer=first + start)
+        for start in range(0, sublayers, size)
+    ]
+    placement = [(blocks[s // size], s % size) for s in range(sublayers)]
+    return [(placement[2 * i], placement[2 * i + 1]) for i in range(len(layer_ids))]
 
 
 def get_mhc_gpt_layer_local_block_spec(

@@ -26,6 +26,7 @@ from megatron.core.transformer.module import MegatronModule
 from megatron.core.transformer.spec_utils import ModuleSpec, build_module
 
 from .. import ops
+from .recompute import BlockRecompute, RecomputeChain, recomputed
 from .settings import MHCSettings
 
 
@@ -36,10 +37,12 @@ class MHCResidual:
     x: torch.Tensor  # the n-stream residual [s, b, n, C]
     h_post: torch.Tensor  # [s, b, n]
     h_res: torch.Tensor  # [s, b, n, n]
+    chain: RecomputeChain | None = None  # set when the sublayer is in a recompute block
+    position: int = 0
 
     def float(self) -> "MHCResidual":
         """For ``fp32_residual_connection``: Megatron calls ``residual.float()``."""
-        return MHCResidual(self.x.float(), self.h_post, self.h_res)
+        return MHCResidual(self.x.float(), self.h_post, self.h_res, self.chain, self.position)
 
 
 def _unflatten_streams(hidden_states: torch.Tensor, n: int, hidden_size: int, where: str) -> torch.Tensor:
@@ -61,6 +64,8 @@ class MHCSublayerInput(MegatronModule):
         coefficients: spec of the coefficient module (:class:`MHCCoefficients` or
             :class:`HCCoefficients`).
         expand_input: the model's first sublayer: its input is the C-wide embedding.
+        recompute: the recompute block this sublayer belongs to (``None``: keep everything),
+            and ``position`` its index in the block.
     """
 
     def __init__(
@@ -73,12 +78,16 @@ class MHCSublayerInput(MegatronModule):
         coefficients: ModuleSpec,
         settings: MHCSettings,
         expand_input: bool = False,
+        recompute: BlockRecompute | None = None,
+        position: int = 0,
     ):
         super().__init__(config=config)
         self.n = settings.expansion_rate
         self.hidden_size = hidden_size
         self.expand_input = expand_input
         self.backend = settings.backend
+        self.recompute = recompute
+        self.position = position
         self.coefficients = build_module(
             coefficients, config=config, hidden_size=hidden_size, settings=settings
         )
@@ -92,16 +101,33 @@ class MHCSublayerInput(MegatronModule):
                     f"got shape {tuple(hidden_states.shape)}"
                 )
             x = ops.expand_streams(hidden_states, self.n)
+            if self.recompute is None or not torch.is_grad_enabled():
+                # materialise the streams once: every mHC step keeps x for backward, and
+                # each would otherwise keep its own contiguous copy of the broadcast view.
+                # (A recompute block keeps the view itself: C instead of nC elements.)
+                x = x.contiguous()
         else:
             x = _unflatten_streams(
                 hidden_states, self.n, self.hidden_size,
                 f"mHC sublayer {self.coefficients.sublayer_index}",
             )
-        h_pre, h_post, h_res = self.coefficients(x)
-        normed = self.norm(ops.mhc_pre(x, h_pre, backend=self.backend))
+        if self.recompute is not None and torch.is_grad_enabled():
+            chain = self.recompute.chain_for(self.position, x, functools.partial(ops.mhc_post_res, backend=self.backend))
+            h_post, h_res, y = recomputed(
+                self._coefficients_and_pre, chain, self.position, x, *self.coefficients.coefficient_parameters()
+            )
+            residual = MHCResidual(x, h_post, h_res, chain, self.position)
+        else:
+            h_post, h_res, y = self._coefficients_and_pre(x)
+            residual = MHCResidual(x, h_post, h_res)
+        normed = self.norm(y)
         if isinstance(normed, tuple):  # a residual-fused norm returns (output, residual)
             normed = normed[0]
-        return normed, MHCResidual(x, h_post, h_res)
+        return normed, residual
+
+    def _coefficients_and_pre(self, x: torch.Tensor, *params: torch.Tensor):
+        h_pre, h_post, h_res = self.coefficients(x, *params)
+        return h_post, h_res, ops.mhc_pre(x, h_pre, backend=self.backend)
 
 
 class MHCSublayerOutput(torch.nn.Module):
@@ -130,7 +156,13 @@ class MHCSublayerOutput(torch.nn.Module):
         if bias is not None:
             out = out + bias
         out = torch.nn.functional.dropout(out, p=prob, training=training)
-        x = ops.mhc_post_res(residual.x, out, residual.h_post, residual.h_res, backend=backend)
+        post = functools.partial(ops.mhc_post_res, backend=backend)
+        args = (out, residual.h_post, residual.h_res)
+        if residual.chain is not None and torch.is_grad_enabled():
+            x = recomputed(post, residual.chain, residual.position, residual.x, *args)
+            residual.chain.record_post(residual.position, *args, x)
+        else:
+            x = post(residual.x, *args)
         return x.flatten(-2)
 
 

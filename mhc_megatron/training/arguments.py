@@ -71,7 +71,29 @@ def add_mhc_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParse
         help="mHC ops backend: auto = fused Triton kernels on CUDA (the PyTorch reference, with a "
         "warning, for inputs they do not support), reference, or triton (default %(default)s).",
     )
+    g.add_argument(
+        "--mhc-recompute",
+        action="store_true",
+        help="Discard the mHC intermediates after the forward pass and recompute them in backward, "
+        "in blocks of sublayers that never cross a pipeline stage (attention and MLP are not re-run).",
+    )
+    g.add_argument(
+        "--mhc-recompute-block-size",
+        type=_block_size,
+        default="auto",
+        help="Sublayers per recompute block: 'auto' (the L_r* formula per stage) or an integer "
+        "(clamped to the stage) (default %(default)s).",
+    )
     return parser
+
+
+def _block_size(text: str):
+    if text == "auto":
+        return text
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected 'auto' or an integer, got {text!r}") from None
 
 
 def chain_args_providers(*providers):
@@ -113,4 +135,6 @@ def mhc_settings_from_args(args: argparse.Namespace) -> MHCSettings:
         check_finite=args.mhc_check_finite,
         contraction=args.mhc_contraction,
         backend=args.mhc_kernels,
+        recompute=args.mhc_recompute,
+        recompute_block_size=args.mhc_recompute_block_size,
     )

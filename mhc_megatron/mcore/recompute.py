@@ -1,0 +1,126 @@
+"""Recompute of the mHC intermediates in blocks of sublayers (spec section 4).
+
+A block of L_r consecutive sublayers keeps only its first n-stream input ``x_{l0}``. Every mHC
+step of the block (the coefficient + pre-mix step and the post + residual step of each sublayer)
+runs through :class:`_Recomputed`: its forward runs without building a graph, so none of the
+step's intermediates, and not its n-stream input, are kept; its backward asks the block's
+:class:`RecomputeChain` for that input and re-runs the step with autograd. The chain rebuilds
+``x_{l0+1}, x_{l0+2}, ...`` from ``x_{l0}`` and the kept post-mix inputs of each sublayer (the
+sublayer output ``f``, ``H_post``, ``H_res``) by re-running the post + residual step alone:
+attention and the MLP are never re-run.
+
+Backward walks a block from its last sublayer, so the first request rebuilds every input of the
+block (a transient of at most ``(L_r - 1) nC`` per token); each rebuilt input is dropped as soon
+as the last step that needs it has taken it.
+
+One :class:`BlockRecompute` per block is shared by the block's sublayer modules (the spec
+builder creates it); each forward pass of the block opens its own chain, so micro-batches whose
+forward and backward interleave (pipeline schedules) do not share state. A block never crosses a
+pipeline stage: the spec builder plans blocks per stage (or virtual chunk).
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+class RecomputeChain:
+    """One forward pass through one block: what it needs to rebuild the block's inputs."""
+
+    def __init__(self, x0: torch.Tensor, post_fn):
+        self.x = {0: x0}  # position -> n-stream input, present while a step still needs it
+        self.post_inputs: dict[int, tuple] = {}  # position -> (f, h_post, h_res)
+        self.uses: dict[int, int] = {}  # position -> backward steps still to take x
+        self.post_fn = post_fn
+        self.last_output_ptr: int | None = None
+
+    def register_use(self, position: int) -> None:
+        self.uses[position] = self.uses.get(position, 0) + 1
+
+    def record_post(self, position: int, f, h_post, h_res, output: torch.Tensor) -> None:
+        self.post_inputs[position] = (f, h_post, h_res)
+        self.last_output_ptr = output.untyped_storage().data_ptr()
+
+    def expects(self, x: torch.Tensor) -> bool:
+        return x.untyped_storage().data_ptr() == self.last_output_ptr
+
+    def take(self, position: int) -> torch.Tensor:
+        """The block input at ``position`` for a backward step (rebuilt if needed)."""
+        if position not in self.x:
+            start = max(p for p in self.x if p < position)
+            x = self.x[start]
+            with torch.no_grad():
+                for p in range(start, position):
+                    x = self.post_fn(x, *self.post_inputs[p])
+                    self.x[p + 1] = x
+            for p in range(position):  # inputs below position are rebuilt or kept: drop the rest
+                self.post_inputs.pop(p, None)
+        x = self.x[position]
+        self.uses[position] -= 1
+        if self.uses[position] == 0:
+            del self.x[position]
+        return x
+
+
+class BlockRecompute:
+    """Shared by the sublayer modules of one recompute block."""
+
+    def __init__(self, block_index: int, size: int, first_sublayer: int):
+        self.block_index = block_index
+        self.size = size
+        self.first_sublayer = first_sublayer
+        self.current: RecomputeChain | None = None
+
+    def chain_for(self, position: int, x: torch.Tensor, post_fn) -> RecomputeChain:
+        """Position 0 opens a new chain with ``x`` as the kept input; later positions continue
+        the current one and check that ``x`` is the previous position's output."""
+        if position == 0:
+            self.current = RecomputeChain(x, post_fn)
+            return self.current
+        chain = self.current
+        if chain is None or not chain.expects(x):
+            raise RuntimeError(
+                f"mHC recompute block {self.block_index} (sublayers {self.first_sublayer}.."
+                f"{self.first_sublayer + self.size - 1}): sublayer {self.first_sublayer + position} did not "
+                "receive the output of the sublayer before it; the block's forward was interleaved "
+                "with another one (run without --mhc-recompute, or report the schedule)"
+            )
+        return chain
+
+    def __repr__(self) -> str:
+        return f"BlockRecompute(block={self.block_index}, sublayers={self.first_sublayer}+{self.size})"
+
+
+class _Recomputed(torch.autograd.Function):
+    """``fn(x, *args)`` that keeps ``args`` (and, at position 0, ``x``) but not its own graph."""
+
+    @staticmethod
+    def forward(ctx, fn, chain: RecomputeChain, position: int, x, *args):
+        ctx.fn, ctx.chain, ctx.position = fn, chain, position
+        ctx.save_for_backward(*((x,) if position == 0 else ()), *args)
+        chain.register_use(position)
+        with torch.no_grad():
+            out = fn(x, *args)
+        return out
+
+    @staticmethod
+    def backward(ctx, *grads):
+        saved = ctx.saved_tensors
+        args = saved[1:] if ctx.position == 0 else saved
+        x = ctx.chain.take(ctx.position)
+        with torch.enable_grad():
+            x_in = x.detach().requires_grad_(True)
+            args_in = [a.detach().requires_grad_(a.requires_grad) for a in args]
+            out = ctx.fn(x_in, *args_in)
+            outs = out if isinstance(out, tuple) else (out,)
+            pairs = [(o, g) for o, g in zip(outs, grads) if g is not None and o.requires_grad]
+            wrt = [x_in] + [a for a in args_in if a.requires_grad]
+            got = torch.autograd.grad([o for o, _ in pairs], wrt, [g for _, g in pairs], allow_unused=True)
+        it = iter(got[1:])
+        arg_grads = [next(it) if a.requires_grad else None for a in args_in]
+        return (None, None, None, got[0], *arg_grads)
+
+
+def recomputed(fn, chain: RecomputeChain, position: int, x: torch.Tensor, *args):
+    """Run one mHC step of a recompute block (see the module docstring)."""
+    return _Recomputed.apply(fn, chain, position, x, *args)
