@@ -55,13 +55,16 @@ def stored_bytes_per_token(
 ) -> int:
     """mHC activation bytes kept for backward per token in one stage, beyond what the same
     residual model keeps; ``block=None``: no recompute. On the first stage the first block's
-    kept input is the embedding output, which the residual model keeps as well."""
+    kept input is the C-wide embedding output (its n streams are copies), not nC."""
     if block is None:
         per = n * hidden * act_bytes + hidden * act_bytes + coefficient_floats(n) * FP32
         return sublayers * per
-    blocks = math.ceil(sublayers / block) - (1 if first_stage else 0)
+    blocks = math.ceil(sublayers / block)
+    kept_inputs = blocks * n * hidden * act_bytes
+    if first_stage:
+        kept_inputs -= (n - 1) * hidden * act_bytes
     kept_small = (n + n * n) * FP32  # H_post and H_res, inputs of the recomputed post-mix
-    return blocks * n * hidden * act_bytes + sublayers * (hidden * act_bytes + kept_small)
+    return kept_inputs + sublayers * (hidden * act_bytes + kept_small)
 
 
 def transient_bytes_per_token(hidden: int, n: int, act_bytes: int, block: int | None) -> int:

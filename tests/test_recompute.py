@@ -135,3 +135,16 @@ def test_selective_megatron_recompute_composes():
 def test_bad_block_size():
     with pytest.raises(ValueError, match="'auto' or an integer >= 1, got 0"):
         MHCSettings(mode="mhc", recompute=True, recompute_block_size=0)
+
+
+def test_plan_recompute_cli_json(capsys):
+    import json
+
+    from mhc_megatron.cli import main
+
+    assert main(["plan-recompute", "--layers", "8", "--hidden", "64", "--pp", "2", "--json"]) == 0
+    plan = json.loads(capsys.readouterr().out)
+    assert plan["block_size"] == optimal_block_size(8, 4)[0]
+    assert plan["stage_block_sizes"] == [plan["block_size"]] * 2
+    assert main(["plan-recompute", "--layers", "7", "--hidden", "64", "--pp", "2"]) == 2
+    assert "do not split evenly" in capsys.readouterr().err

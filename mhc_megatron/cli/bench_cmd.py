@@ -34,6 +34,21 @@ def add_parser(sub) -> None:
     k.add_argument("--json", action="store_true", help="print the records as JSON")
     k.set_defaults(run=run)
 
+    a = bench.add_parser(
+        "activations",
+        help="count the activation bytes saved for backward: residual vs mhc vs mhc+recompute",
+        description=(
+            "Count the distinct storages autograd keeps during one forward pass (parameters excluded), per "
+            "token, for the demo model and a 27B-like layer (C=2560, n=4), for residual, mhc and mhc with "
+            "recompute; 'mHC extra' is the difference to residual and 'planned' the planner's prediction of "
+            "it for the Triton kernels. On CPU --backend triton runs the kernels in Triton's interpreter."
+        ),
+    )
+    a.add_argument("--shapes", default="demo,27b-layer", help="comma-separated shapes (default %(default)s)")
+    a.add_argument("--backend", choices=("reference", "triton"), default="triton", help="mHC ops backend (default %(default)s)")
+    a.add_argument("--device", choices=("cpu", "cuda"), default="cpu", help="device (default %(default)s)")
+    a.set_defaults(run=run_activations)
+
 
 def run(args) -> int:
     import torch
@@ -58,4 +73,25 @@ def run(args) -> int:
         print(json.dumps({"device": name, "copy_gbps": copy_gbps, "records": [r.as_dict() for r in records]}))
     else:
         print(kb.format_table(records, copy_gbps, name))
+    return 0
+
+
+def run_activations(args) -> int:
+    import logging
+    import warnings
+
+    from ..bench import kernels as kb
+
+    if args.device == "cpu" and args.backend == "triton":
+        kb.enable_cpu_interpreter()
+    warnings.filterwarnings("ignore")
+    logging.getLogger("megatron").setLevel(logging.ERROR)
+    from ..bench import activations as ab
+
+    records = []
+    for shape in (s.strip() for s in args.shapes.split(",") if s.strip()):
+        if shape not in ab.SHAPES:
+            raise ValueError(f"unknown shape {shape!r}; choose from {', '.join(ab.SHAPES)}")
+        records += ab.measure(shape, args.backend, args.device)
+    print(ab.format_table(records))
     return 0
