@@ -192,7 +192,7 @@ def test_non_transformer_layer_spec_is_refused():
         (dict(recompute_granularity="selective", recompute_modules=["layernorm"]), "drop 'layernorm'"),
         (dict(cuda_graph_impl="local"), "CUDA graphs"),
         (dict(inference_fuse_tp_communication=True), "inference-optimized"),
-        (dict(pipeline_model_parallel_size=2), "pipeline-model-parallel-size 1"),
+        (dict(pipeline_model_parallel_size=2), "configure_pipeline"),
     ],
 )
 def test_incompatible_megatron_options_are_refused(overrides, match):

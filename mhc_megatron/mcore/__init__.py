@@ -1,7 +1,7 @@
 """megatron-core glue: mHC settings, modules and layer/block specs."""
 
 from .coefficients import HCCoefficients, MHCCoefficients
-from .settings import RESIDUAL_MODES, MHCSettings, check_transformer_config
+from .settings import RESIDUAL_MODES, MHCSettings, check_transformer_config, configure_pipeline
 from .specs import (
     get_mhc_gpt_decoder_block_spec,
     get_mhc_gpt_layer_local_block_spec,
@@ -20,6 +20,7 @@ __all__ = [
     "MHCSublayerInput",
     "MHCSublayerOutput",
     "check_transformer_config",
+    "configure_pipeline",
     "get_mhc_gpt_decoder_block_spec",
     "get_mhc_gpt_layer_local_block_spec",
     "mhc_block_spec",

@@ -125,11 +125,15 @@ def check_transformer_config(config, settings: MHCSettings) -> None:
             "the inference-optimized layers (they fuse the residual add into the projections)",
             "use --transformer-impl local or transformer_engine",
         )
-    if (getattr(config, "pipeline_model_parallel_size", 1) or 1) > 1:
+    if (getattr(config, "pipeline_model_parallel_size", 1) or 1) > 1 and not getattr(
+        config, "variable_seq_lengths", False
+    ):
         refuse(
             f"pipeline parallelism (pipeline_model_parallel_size={config.pipeline_model_parallel_size}) "
-            "yet: Megatron's schedules size the stage buffers with hidden_size, not n*hidden_size",
-            "run with --pipeline-model-parallel-size 1 for now",
+            "with fixed pipeline shapes: Megatron's schedules size the stage buffers with hidden_size, "
+            "but stages exchange the n-stream residual",
+            "call mhc_megatron.mcore.configure_pipeline(config, settings) on the config first "
+            "(mhc-pretrain-gpt and apply_mhc_to_gpt_config do)",
         )
     if settings.recompute and getattr(config, "recompute_granularity", None) == "full":
         refuse(
@@ -139,3 +143,16 @@ def check_transformer_config(config, settings: MHCSettings) -> None:
         )
     if getattr(config, "heterogeneous_block_specs", False):
         refuse("heterogeneous block specs", "use a homogeneous GPT layer spec")
+
+
+def configure_pipeline(config, settings: MHCSettings) -> None:
+    """Let Megatron's pipeline schedules carry the n-stream residual between stages.
+
+    Megatron sizes the receive buffers of stage-to-stage messages as ``[s, b, hidden_size]`` (1F1B's
+    ``get_tensor_shapes``, the interleaved schedule's inline shape). With
+    ``config.variable_seq_lengths`` its p2p layer sends each message's shape first (three int64s)
+    and sizes the buffer from that, so ``[s, b, n*hidden_size]`` arrives whole. The sequence length
+    stays fixed; only the hand-shake is used. No-op without hc/mhc or pipeline parallelism.
+    """
+    if settings.enabled and (getattr(config, "pipeline_model_parallel_size", 1) or 1) > 1:
+        config.variable_seq_lengths = True

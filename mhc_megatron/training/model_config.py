@@ -8,7 +8,7 @@ import inspect
 from megatron.core.transformer.enums import AttnBackend
 from megatron.core.transformer.spec_utils import ModuleSpec
 
-from ..mcore.settings import MHCSettings, check_transformer_config
+from ..mcore.settings import MHCSettings, check_transformer_config, configure_pipeline
 from ..mcore.specs import mhc_block_spec, with_core_attention
 
 
@@ -35,6 +35,7 @@ def apply_mhc_to_gpt_config(model_cfg, settings: MHCSettings):
     transformer.mhc_settings = settings
     if not settings.enabled:
         return model_cfg
+    configure_pipeline(transformer, settings)
     check_transformer_config(transformer, settings)
     if getattr(transformer, "mtp_num_layers", None):
         raise ValueError(

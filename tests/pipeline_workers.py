@@ -1,0 +1,123 @@
+"""Workers for the pipeline tests: the single-process reference and Megatron's PP schedules."""
+
+from __future__ import annotations
+
+import re
+import types
+
+import torch
+
+from mcore_helpers import BATCH, SEQ, VOCAB, init_megatron, local_block_spec, make_batch, tiny_config
+from mhc_megatron.mcore import MHCSettings, configure_pipeline
+
+LAYERS = 4
+MICROBATCHES = 4
+# gloo's batch_isend_irecv mismatches messages in the interleaved schedule (the residual model
+# too gets wrong inputs from the third micro-batch on); plain isend/irecv are exact.
+CONFIG_OVERRIDES: dict = {"batch_p2p_comm": False}
+
+
+def _settings(mode, recompute=False):
+    return MHCSettings(mode=mode, expansion_rate=4, recompute=recompute, recompute_block_size=3)
+
+
+def _batches():
+    return [make_batch(seed=100 + i) for i in range(MICROBATCHES)]
+
+
+def _cpu_schedules() -> None:
+    """Test-only: Megatron's schedules create their token counter with device="cuda"."""
+    from megatron.core.pipeline_parallel import schedules
+
+    if isinstance(schedules.torch, types.ModuleType):
+        real = schedules.torch
+
+        class _Torch:
+            def __getattr__(self, name):
+                return getattr(real, name)
+
+            @staticmethod
+            def zeros(*args, **kwargs):
+                if kwargs.get("device") == "cuda":
+                    kwargs["device"] = "cpu"
+                return real.zeros(*args, **kwargs)
+
+        schedules.torch = _Torch()
+
+
+def reference(rank, world_size, port, mode, state_path, recompute=False):
+    """Full model in one process: saves its weights and returns loss and gradients."""
+    from megatron.core.models.gpt import GPTModel
+
+    init_megatron(rank, world_size, port)
+    cfg = tiny_config(num_layers=LAYERS)
+    torch.manual_seed(5)
+    model = GPTModel(cfg, local_block_spec(cfg, _settings(mode, recompute)), vocab_size=VOCAB,
+                     max_sequence_length=SEQ, share_embeddings_and_output_weights=False)
+    torch.save(model.state_dict(), state_path)
+    losses = []
+    for tokens, positions, labels in _batches():
+        loss = model(tokens, positions, None, labels=labels).float().mean() / MICROBATCHES
+        loss.backward()
+        losses.append(loss.item() * MICROBATCHES)
+    return {"losses": losses, "grads": {n: p.grad.clone() for n, p in model.named_parameters()}}
+
+
+def _global_name(name: str, offset: int) -> str:
+    return re.sub(r"decoder\.layers\.(\d+)\.", lambda m: f"decoder.layers.{int(m.group(1)) + offset}.", name)
+
+
+def megatron_pipeline(rank, world_size, port, mode, state_path, vpp, recompute=False):
+    """Megatron's 1F1B (vpp=None) or interleaved schedule over ``world_size`` stages."""
+    from megatron.core.models.gpt import GPTModel
+    from megatron.core.pipeline_parallel import get_forward_backward_func
+    from megatron.core.transformer.transformer_layer import get_transformer_layer_offset
+
+    init_megatron(rank, world_size, port, pp=world_size, virtual_pipeline_model_parallel_size=vpp)
+    _cpu_schedules()
+    cfg = tiny_config(num_layers=LAYERS, pipeline_model_parallel_size=world_size,
+                      virtual_pipeline_model_parallel_size=vpp, pipeline_dtype=torch.float32, **CONFIG_OVERRIDES)
+    settings = _settings(mode, recompute)
+    configure_pipeline(cfg, settings)
+    full_state = torch.load(state_path)
+    chunks, offsets = [], []
+    stages = vpp or 1
+    for v in range(stages):
+        vp = v if vpp else None
+        model = GPTModel(
+            cfg, local_block_spec(cfg, settings, vp_stage=vp, pp_rank=rank), vocab_size=VOCAB,
+            max_sequence_length=SEQ, share_embeddings_and_output_weights=False,
+            pre_process=(rank == 0 and v == 0), post_process=(rank == world_size - 1 and v == stages - 1),
+            vp_stage=vp,
+        )
+        offset = get_transformer_layer_offset(cfg, vp_stage=vp, pp_rank=rank)
+        state = {k: full_state[_global_name(k, offset)] for k in model.state_dict()}
+        model.load_state_dict(state)
+        chunks.append(model)
+        offsets.append(offset)
+
+    def forward_step(data_iterator, model):
+        tokens, positions, labels = next(data_iterator)
+        out = model(tokens, positions, None, labels=labels)
+        return out, lambda o: (o.float().mean(), {"lm loss": o.float().mean().detach()})
+
+    iterators = [iter(_batches()) for _ in chunks]
+    losses = get_forward_backward_func()(
+        forward_step_func=forward_step,
+        data_iterator=iterators if vpp else iterators[0],
+        model=chunks,
+        num_microbatches=MICROBATCHES,
+        seq_length=SEQ,
+        micro_batch_size=BATCH,
+    )
+    grads = {}
+    for model, offset in zip(chunks, offsets):
+        for name, p in model.named_parameters():
+            grads[_global_name(name, offset)] = p.grad.clone() if p.grad is not None else torch.zeros_like(p)
+    blocks = sorted(
+        {(m.recompute.first_sublayer, m.recompute.size) for c in chunks for m in c.modules()
+         if getattr(m, "recompute", None) is not None}
+    )
+    return {"losses": [float(d["lm loss"]) for d in losses], "grads": grads, "blocks": blocks,
+            "sublayers": sorted(2 * (o + i) + j for c, o in zip(chunks, offsets)
+                                for i in range(len(c.decoder.layers)) for j in (0, 1))}
