@@ -21,8 +21,8 @@ def _settings(mode, recompute=False):
     return MHCSettings(mode=mode, expansion_rate=4, recompute=recompute, recompute_block_size=3)
 
 
-def _batches():
-    return [make_batch(seed=100 + i) for i in range(MICROBATCHES)]
+def _batches(count=MICROBATCHES):
+    return [make_batch(seed=100 + i) for i in range(count)]
 
 
 def _cpu_schedules() -> None:
@@ -45,21 +45,21 @@ def _cpu_schedules() -> None:
         schedules.torch = _Torch()
 
 
-def reference(rank, world_size, port, mode, state_path, recompute=False):
+def reference(rank, world_size, port, mode, state_path, recompute=False, layers=LAYERS, microbatches=MICROBATCHES):
     """Full model in one process: saves its weights and returns loss and gradients."""
     from megatron.core.models.gpt import GPTModel
 
     init_megatron(rank, world_size, port)
-    cfg = tiny_config(num_layers=LAYERS)
+    cfg = tiny_config(num_layers=layers)
     torch.manual_seed(5)
     model = GPTModel(cfg, local_block_spec(cfg, _settings(mode, recompute)), vocab_size=VOCAB,
                      max_sequence_length=SEQ, share_embeddings_and_output_weights=False)
     torch.save(model.state_dict(), state_path)
     losses = []
-    for tokens, positions, labels in _batches():
-        loss = model(tokens, positions, None, labels=labels).float().mean() / MICROBATCHES
+    for tokens, positions, labels in _batches(microbatches):
+        loss = model(tokens, positions, None, labels=labels).float().mean() / microbatches
         loss.backward()
-        losses.append(loss.item() * MICROBATCHES)
+        losses.append(loss.item() * microbatches)
     return {"losses": losses, "grads": {n: p.grad.clone() for n, p in model.named_parameters()}}
 
 
@@ -121,3 +121,55 @@ def megatron_pipeline(rank, world_size, port, mode, state_path, vpp, recompute=F
     return {"losses": [float(d["lm loss"]) for d in losses], "grads": grads, "blocks": blocks,
             "sublayers": sorted(2 * (o + i) + j for c, o in zip(chunks, offsets)
                                 for i in range(len(c.decoder.layers)) for j in (0, 1))}
+
+
+def _forward_step(data_iterator, model):
+    tokens, positions, labels = next(data_iterator)
+    out = model(tokens, positions, None, labels=labels)
+    return out, lambda o: (o.float().mean(), {"lm loss": o.float().mean().detach()})
+
+
+def dualpipev(rank, world_size, port, mode, state_path, layers, microbatches, recompute=False, steps=1):
+    """Our DualPipeV schedule over ``world_size`` ranks (2 x world_size stages)."""
+    from megatron.core.models.gpt import GPTModel
+    from megatron.core.process_groups_config import ProcessGroupCollection
+
+    from mhc_megatron.pipeline.dualpipev import DualPipeV, chunk_pg_collection, chunk_placements
+
+    init_megatron(rank, world_size, port, pp=world_size, virtual_pipeline_model_parallel_size=2)
+    cfg = tiny_config(num_layers=layers, pipeline_model_parallel_size=world_size,
+                      virtual_pipeline_model_parallel_size=2, pipeline_dtype=torch.float32)
+    settings = _settings(mode, recompute)
+    configure_pipeline(cfg, settings)
+    full_state = torch.load(state_path)
+    pgc = ProcessGroupCollection.use_mpu_process_groups()
+    chunks, offsets = [], []
+    for place in chunk_placements(rank, world_size):
+        model = GPTModel(
+            cfg, local_block_spec(cfg, settings, vp_stage=place.vp_stage, pp_rank=place.pp_rank),
+            vocab_size=VOCAB, max_sequence_length=SEQ, share_embeddings_and_output_weights=False,
+            pre_process=place.pre_process, post_process=place.post_process, vp_stage=place.vp_stage,
+            pg_collection=chunk_pg_collection(pgc, place),
+        )
+        offset = model.decoder.layers[0].layer_number - 1
+        assert offset == place.stage * layers // (2 * world_size), (offset, place)
+        model.load_state_dict({k: full_state[_global_name(k, offset)] for k in model.state_dict()})
+        chunks.append(model)
+        offsets.append(offset)
+    runner = DualPipeV(chunks, cfg, pgc.pp, seq_length=SEQ, micro_batch_size=BATCH)
+    for _ in range(steps):
+        for c in chunks:
+            c.zero_grad(set_to_none=True)
+        losses = runner.step(_forward_step, [iter(_batches(microbatches)) for _ in chunks], microbatches)
+    grads = {}
+    for model, offset in zip(chunks, offsets):
+        for name, p in model.named_parameters():
+            grads[_global_name(name, offset)] = p.grad.clone() if p.grad is not None else torch.zeros_like(p)
+    blocks = sorted(
+        {(m.recompute.first_sublayer, m.recompute.size) for c in chunks for m in c.modules()
+         if getattr(m, "recompute", None) is not None}
+    )
+    return {"losses": [float(d["lm loss"]) for d in losses], "grads": grads,
+            "executed": [str(op) for op in runner.executed], "blocks": blocks,
+            "chunk_sublayers": [sorted(2 * (o + i) + j for i in range(len(c.decoder.layers)) for j in (0, 1))
+                                for c, o in zip(chunks, offsets)]}
