@@ -32,6 +32,8 @@ class MHCSettings:
         elsewhere), ``reference`` or ``triton``.
     recompute: discard the mHC intermediates after the forward pass and recompute them in
         blocks of ``recompute_block_size`` sublayers (``"auto"``: the L_r* formula, per stage).
+    post_res_stream: run the MLP sublayer's post+residual kernel on a dedicated high-priority
+        CUDA stream (the paper's DualPipe setting; no effect on CPU).
     """
 
     mode: str = "residual"
@@ -45,6 +47,7 @@ class MHCSettings:
     backend: str = "auto"
     recompute: bool = False
     recompute_block_size: int | str = "auto"
+    post_res_stream: bool = False
 
     def __post_init__(self):
         if self.mode not in RESIDUAL_MODES:

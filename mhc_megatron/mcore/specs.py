@@ -96,7 +96,10 @@ def mhc_layer_spec(
         input_layernorm=sublayer_input(sub.input_layernorm, 2 * layer_index, layer_index == 0, attn_block),
         self_attn_bda=ModuleSpec(module=MHCSublayerOutput, params={"settings": settings}),
         pre_mlp_layernorm=sublayer_input(sub.pre_mlp_layernorm, 2 * layer_index + 1, False, mlp_block),
-        mlp_bda=ModuleSpec(module=MHCSublayerOutput, params={"settings": settings}),
+        mlp_bda=ModuleSpec(
+            module=MHCSublayerOutput,
+            params={"settings": settings, "high_priority_stream": settings.post_res_stream},
+        ),
         sharded_state_dict_keys_map=_remap_norm_keys(sub.sharded_state_dict_keys_map),
     )
     return dataclasses.replace(layer_spec, submodules=new_sub)

@@ -28,6 +28,7 @@ from megatron.core.transformer.spec_utils import ModuleSpec, build_module
 from .. import ops
 from .recompute import BlockRecompute, RecomputeChain, recomputed
 from .settings import MHCSettings
+from .streams import on_high_priority_stream
 
 
 @dataclass
@@ -137,15 +138,20 @@ class MHCSublayerOutput(torch.nn.Module):
     function ``(output_with_bias, residual, dropout_prob) -> next residual``.
     """
 
-    def __init__(self, config=None, settings: MHCSettings | None = None):
+    def __init__(self, config=None, settings: MHCSettings | None = None, high_priority_stream: bool = False):
         super().__init__()
         self.backend = settings.backend if settings is not None else "auto"
+        self.high_priority_stream = high_priority_stream
 
     def forward(self, training: bool, fused: bool = False):
-        return functools.partial(self._post_residual, training=training, backend=self.backend)
+        return functools.partial(
+            self._post_residual, training=training, backend=self.backend, side_stream=self.high_priority_stream
+        )
 
     @staticmethod
-    def _post_residual(output_with_bias, residual, prob: float, training: bool, backend: str) -> torch.Tensor:
+    def _post_residual(
+        output_with_bias, residual, prob: float, training: bool, backend: str, side_stream: bool = False
+    ) -> torch.Tensor:
         if not isinstance(residual, MHCResidual):
             raise TypeError(
                 "MHCSublayerOutput needs the MHCResidual made by MHCSublayerInput in the same "
@@ -159,10 +165,13 @@ class MHCSublayerOutput(torch.nn.Module):
         post = functools.partial(ops.mhc_post_res, backend=backend)
         args = (out, residual.h_post, residual.h_res)
         if residual.chain is not None and torch.is_grad_enabled():
-            x = recomputed(post, residual.chain, residual.position, residual.x, *args)
-            residual.chain.record_post(residual.position, *args, x)
+            chain, position = residual.chain, residual.position
+            run = functools.partial(recomputed, post, chain, position)
         else:
-            x = post(residual.x, *args)
+            chain, run = None, post
+        x = on_high_priority_stream(run, residual.x, *args) if side_stream else run(residual.x, *args)
+        if chain is not None:
+            chain.record_post(position, *args, x)
         return x.flatten(-2)
 
 

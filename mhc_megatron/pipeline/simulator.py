@@ -85,7 +85,10 @@ def simulate(
     expansion_rate: int = 1,
     comm_ratio: float = 0.0,
     virtual_stages: int | None = None,
+    defer_weights: bool = True,
 ) -> Simulation:
+    """Simulate one step. ``defer_weights=False`` models layers that cannot split their backward:
+    a ``B`` marked for deferral still costs ``B + W`` and its ``W`` costs nothing."""
     if comm_ratio < 0:
         raise ValueError(f"comm_ratio must be >= 0, got {comm_ratio}")
     if expansion_rate < 1:
@@ -133,9 +136,9 @@ def simulate(
                 if op.kind == "F":
                     cost = unit
                 elif op.kind == "B":
-                    cost = unit * (2 if op.with_weights else 1)
+                    cost = unit * (2 if op.with_weights or not defer_weights else 1)
                 else:
-                    cost = unit
+                    cost = unit if defer_weights else 0.0
                 end = ready + cost
                 sends = (op.kind == "F" and op.stage < last and place.rank_of(op.stage + 1) != rank) or (
                     op.kind == "B" and op.stage > 0 and place.rank_of(op.stage - 1) != rank

@@ -84,6 +84,13 @@ def add_mhc_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParse
         help="Sublayers per recompute block: 'auto' (the L_r* formula per stage) or an integer "
         "(clamped to the stage) (default %(default)s).",
     )
+    g.add_argument(
+        "--mhc-post-res-stream",
+        action="store_true",
+        help="Run the MLP sublayer's post+residual kernel on a dedicated high-priority CUDA stream, "
+        "so pipeline sends waiting for it are not queued behind other work (on by default with "
+        "--pipeline-schedule dualpipev; no effect on CPU).",
+    )
     return parser
 
 
@@ -137,4 +144,5 @@ def mhc_settings_from_args(args: argparse.Namespace) -> MHCSettings:
         backend=args.mhc_kernels,
         recompute=args.mhc_recompute,
         recompute_block_size=args.mhc_recompute_block_size,
+        post_res_stream=args.mhc_post_res_stream or getattr(args, "pipeline_schedule", None) == "dualpipev",
     )

@@ -1,0 +1,114 @@
+"""Per-rank pipeline programs and the schedule simulator (pure Python, fast)."""
+
+import json
+
+import pytest
+import torch
+
+from mhc_megatron.cli import main as cli_main
+from mhc_megatron.pipeline import placement, program, simulate
+from mhc_megatron.pipeline.dualpipev import chunk_placements, check_dualpipev_config
+
+CASES = [(s, p, m) for s in ("1f1b", "interleaved", "dualpipev") for p in (1, 2, 3, 4) for m in (12, 24)]
+
+
+@pytest.mark.parametrize("schedule,pp,mbs", CASES)
+def test_every_pass_runs_once_on_the_rank_holding_its_stage(schedule, pp, mbs):
+    place = placement(schedule, pp)
+    seen = []
+    for rank in range(pp):
+        ops = program(schedule, rank, pp, mbs)
+        assert all(place.rank_of(op.stage) == rank for op in ops)
+        deferred = [(op.stage, op.microbatch) for op in ops if op.kind == "B" and not op.with_weights]
+        weights = [(op.stage, op.microbatch) for op in ops if op.kind == "W"]
+        assert weights == deferred  # each deferred weight pass runs once, first in first out
+        for op in ops:
+            if op.kind == "W":
+                b = ops.index(next(o for o in ops if o.kind == "B" and (o.stage, o.microbatch) == (op.stage, op.microbatch)))
+                assert b < ops.index(op)
+        seen += [(op.kind, op.stage, op.microbatch) for op in ops if op.kind != "W"]
+    expected = [(k, s, m) for k in "FB" for s in range(place.num_stages) for m in range(mbs)]
+    assert sorted(seen) == sorted(expected)
+
+
+def test_dualpipev_places_the_v():
+    place = placement("dualpipev", 4)
+    assert [place.stages_of(r) for r in range(4)] == [[0, 7], [1, 6], [2, 5], [3, 4]]
+    assert [(c.stage, c.pre_process, c.post_process, c.pp_rank) for c in chunk_placements(0, 4)] == [
+        (0, True, False, 0), (7, False, True, 3)]
+    assert [c.stage for c in chunk_placements(3, 4)] == [3, 4]
+
+
+@pytest.mark.parametrize("pp,mbs", [(2, 8), (4, 16), (8, 32)])
+def test_1f1b_bubble_matches_the_closed_form(pp, mbs):
+    sim = simulate("1f1b", pp, mbs)  # F = 1, B = 2, no communication
+    assert sim.makespan == pytest.approx(3 * (mbs + pp - 1))
+    assert sim.bubble_fraction == pytest.approx((pp - 1) / (mbs + pp - 1))
+    assert sim.peak_activations == [pp - r for r in range(pp)]
+    assert sim.exposed_comm_fraction == 0
+
+
+def test_dualpipev_hides_most_of_the_n_stream_communication():
+    one_f_one_b = simulate("1f1b", 4, 16, expansion_rate=4, comm_ratio=0.1)
+    dualpipev = simulate("dualpipev", 4, 16, expansion_rate=4, comm_ratio=0.1)
+    assert dualpipev.exposed_comm_fraction < 0.5 * one_f_one_b.exposed_comm_fraction
+    assert dualpipev.bubble_fraction < one_f_one_b.bubble_fraction
+    # more streams, more communication to hide
+    assert simulate("dualpipev", 4, 16, expansion_rate=1, comm_ratio=0.1).makespan < dualpipev.makespan
+
+
+def test_undeferred_weights_cost_the_same_total_work():
+    deferred = simulate("dualpipev", 2, 8)
+    fused = simulate("dualpipev", 2, 8, defer_weights=False)
+    assert fused.busy == pytest.approx(deferred.busy)
+    assert fused.makespan >= deferred.makespan
+
+
+@pytest.mark.parametrize(
+    "call,match",
+    [
+        (lambda: program("dualpipev", 0, 4, 7), r"at least 8 micro-batches .*2 x pipeline size"),
+        (lambda: program("interleaved", 0, 4, 6), "multiple of the pipeline size"),
+        (lambda: program("zero-bubble", 0, 4, 8), "one of 1f1b, interleaved, dualpipev"),
+        (lambda: program("1f1b", 4, 4, 8), "outside a pipeline of 4"),
+        (lambda: simulate("1f1b", 2, 4, comm_ratio=-1), "comm_ratio"),
+    ],
+)
+def test_bad_schedules_are_refused(call, match):
+    with pytest.raises(ValueError, match=match):
+        call()
+
+
+def _config(**overrides):
+    from mcore_helpers import tiny_config
+
+    kw = dict(num_layers=8, pipeline_model_parallel_size=2, virtual_pipeline_model_parallel_size=2,
+              pipeline_dtype=torch.float32)
+    kw.update(overrides)
+    return tiny_config(**kw)
+
+
+@pytest.mark.parametrize(
+    "overrides,match",
+    [
+        (dict(virtual_pipeline_model_parallel_size=3, num_layers=12), "exactly two stages per pipeline rank"),
+        (dict(num_layers=6), "6 is not a multiple of 4"),
+        (dict(mtp_num_layers=1), "multi-token prediction"),
+    ],
+)
+def test_dualpipev_refuses_layouts_it_cannot_run(overrides, match):
+    cfg = _config(**overrides)
+    with pytest.raises(ValueError, match=match):
+        check_dualpipev_config(cfg)
+
+
+def test_simulate_pipeline_cli_json_and_timeline(tmp_path, capsys):
+    png = tmp_path / "timeline.png"
+    assert cli_main(["simulate-pipeline", "--schedule", "dualpipev", "--pp", "2", "--microbatches", "4",
+                     "--expansion-rate", "4", "--comm-ratio", "0.2", "--out", str(png), "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert {"bubble_fraction", "exposed_comm_fraction", "peak_activations"} <= out.keys()
+    assert len(out["peak_activations"]) == 2 and 0 <= out["bubble_fraction"] < 1
+    assert png.stat().st_size > 1000
+    assert cli_main(["simulate-pipeline", "--schedule", "dualpipev", "--pp", "4", "--microbatches", "4"]) == 2
+    assert "2 x pipeline size" in capsys.readouterr().err
