@@ -42,3 +42,54 @@ def build_from_cli(rank, world_size, port, extra_args):
         "final_norm": type(model.decoder.final_layernorm).__name__,
         "loss": loss.item(),
     }
+
+
+def dualpipev_from_cli(rank, world_size, port, extra_args):
+    """mhc-pretrain-gpt --pipeline-schedule dualpipev over ``world_size`` ranks: parse through the
+    launcher, build the V chunks with the config's builder, run one step of the schedule that
+    Megatron's training loop would call, and report where layers, batches and losses ended up."""
+    from megatron.core.process_groups_config import ProcessGroupCollection
+
+    import megatron.training.training as training
+    from mhc_megatron.training import gpt_entry
+    from mhc_megatron.training.launcher import apply_schedule_defaults, install_hooks
+
+    import os
+
+    os.environ.update(WORLD_SIZE=str(world_size), RANK=str(rank))  # what Megatron's parser reads
+    init_megatron(rank, world_size, port, pp=world_size, virtual_pipeline_model_parallel_size=2)
+    install_hooks()
+    from megatron.training.argument_utils import gpt_config_from_args
+    from megatron.training.arguments import parse_and_validate_args
+
+    argv = [*TINY_GPT_ARGS, "--num-layers", "4", "--pipeline-model-parallel-size", str(world_size),
+            "--pipeline-schedule", "dualpipev", "--untie-embeddings-and-output-weights", *extra_args]
+    sys.argv = ["mhc-pretrain-gpt", *apply_schedule_defaults(argv, None)]
+    args = parse_and_validate_args()
+    model_cfg = gpt_config_from_args(args)
+    pgc = ProcessGroupCollection.use_mpu_process_groups()
+    builder = model_cfg.get_builder_cls()(model_cfg)
+    torch.manual_seed(0)
+    chunks = [builder.build_model(pgc, vp_stage=v) for v in (0, 1)]
+    for v, c in enumerate(chunks):
+        c.vp_stage = v
+
+    def forward_step(data_iterator, model):
+        tokens, positions, labels = next(data_iterator)
+        out = model(tokens, positions, torch.triu(torch.ones(1, 1, 16, 16, dtype=torch.bool), 1), labels=labels)
+        return out, lambda o: (o.float().mean(), {"lm loss": o.float().mean().detach()})
+
+    schedule = training.get_forward_backward_func()
+    batches = [make_batch(seed=i, seq=16) for i in range(2 * world_size)]
+    records = schedule(forward_step_func=forward_step, data_iterator=[iter(batches), iter(batches)],
+                       model=chunks, num_microbatches=len(batches), seq_length=16, micro_batch_size=2)
+    return {
+        "layer_numbers": [[layer.layer_number for layer in c.decoder.layers] for c in chunks],
+        "pre_post": [(c.pre_process, c.post_process) for c in chunks],
+        "holds_batch": [gpt_entry._holds_batch(v) for v in (0, 1)],
+        "losses": [float(r["lm loss"]) for r in records],
+        "executed": [str(op) for op in schedule.last_executed],
+        "post_res_stream": model_cfg.transformer.mhc_settings.post_res_stream,
+        "grads": sum(p.grad is not None for c in chunks for p in c.parameters()),
+        "params": sum(1 for c in chunks for p in c.parameters()),
+    }

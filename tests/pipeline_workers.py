@@ -138,7 +138,8 @@ def dualpipev(rank, world_size, port, mode, state_path, layers, microbatches, re
 
     init_megatron(rank, world_size, port, pp=world_size, virtual_pipeline_model_parallel_size=2)
     cfg = tiny_config(num_layers=layers, pipeline_model_parallel_size=world_size,
-                      virtual_pipeline_model_parallel_size=2, pipeline_dtype=torch.float32)
+                      virtual_pipeline_model_parallel_size=2, pipeline_dtype=torch.float32,
+                      deallocate_pipeline_outputs=True)  # as mhc-pretrain-gpt runs it
     settings = _settings(mode, recompute)
     configure_pipeline(cfg, settings)
     full_state = torch.load(state_path)

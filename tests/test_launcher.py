@@ -7,7 +7,7 @@ import sys
 
 import pytest
 
-from launcher_workers import TINY_GPT_ARGS, build_from_cli
+from launcher_workers import TINY_GPT_ARGS, build_from_cli, dualpipev_from_cli
 from mcore_helpers import run_distributed
 from mhc_megatron.training import mhc_settings_from_args
 from mhc_megatron.training.arguments import add_mhc_arguments
@@ -83,3 +83,42 @@ def test_prebuilt_dataset_helpers_skip_the_make_step():
         assert initialize._compile_dependencies is not original
     finally:
         initialize._compile_dependencies = original
+
+
+@pytest.mark.slow
+def test_dualpipev_from_the_command_line():
+    from mhc_megatron.pipeline import simulate
+
+    ranks = run_distributed(dualpipev_from_cli, 2, ["--residual-mode", "mhc", "--expansion-rate", "4"])
+    assert [r["layer_numbers"] for r in ranks] == [[[1], [4]], [[2], [3]]]  # the V
+    assert [r["pre_post"] for r in ranks] == [[(True, False), (False, True)], [(False, False), (False, False)]]
+    assert [r["holds_batch"] for r in ranks] == [[True, True], [False, False]]
+    # the loss is computed on rank 0 and handed to the last rank, where Megatron logs it
+    assert ranks[0]["losses"] == [] and len(ranks[1]["losses"]) == 4 and all(x > 0 for x in ranks[1]["losses"])
+    sim = simulate("dualpipev", 2, 4)
+    assert [r["executed"] for r in ranks] == [[str(op) for op in sim.order(k)] for k in range(2)]
+    assert all(r["post_res_stream"] for r in ranks)
+    assert all(r["grads"] == r["params"] for r in ranks)
+
+
+@pytest.mark.parametrize(
+    "argv,megatron_lm,match",
+    [
+        (["--pipeline-schedule", "dualpipev", "--num-virtual-stages-per-pipeline-rank", "3"], None, "got --num-virtual-stages-per-pipeline-rank 3"),
+        (["--pipeline-schedule", "dualpipev"], "/ckpt/Megatron-LM", "built-in entry only"),
+        (["--pipeline-schedule", "dualpipev", "--num-layers-per-virtual-pipeline-stage", "2"], None, "drop --num-layers-per-virtual"),
+    ],
+)
+def test_dualpipev_launch_refusals(argv, megatron_lm, match):
+    from mhc_megatron.training.launcher import apply_schedule_defaults
+
+    with pytest.raises(ValueError, match=match):
+        apply_schedule_defaults(argv, megatron_lm)
+
+
+def test_dualpipev_sets_two_virtual_stages():
+    from mhc_megatron.training.launcher import apply_schedule_defaults
+
+    assert apply_schedule_defaults(["--pipeline-schedule", "dualpipev"], None)[-2:] == [
+        "--num-virtual-stages-per-pipeline-rank", "2"]
+    assert apply_schedule_defaults(["--pp", "2"], None) == ["--pp", "2"]

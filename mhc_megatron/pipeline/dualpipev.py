@@ -182,7 +182,8 @@ class DualPipeV:
 
     # -- entry point ------------------------------------------------------------------------
 
-    def step(self, forward_step_func, data_iterator, num_microbatches, *, forward_only=False, collect_non_loss_data=False):
+    def step(self, forward_step_func, data_iterator, num_microbatches, *, forward_only=False,
+             collect_non_loss_data=False, finalize_kwargs=None):
         """One training (or evaluation) step over ``num_microbatches`` micro-batches.
 
         Returns the loss records of the last stage (on pipeline rank 0), as Megatron's
@@ -209,7 +210,7 @@ class DualPipeV:
         assert not self.state.received and not self.state.stage_outputs, "DualPipeV step left tensors behind"
         self.executed = self.state.executed
         if not forward_only:
-            self._finalize_grads()
+            self._finalize_grads(finalize_kwargs or {})
         return self.state.forward_data
 
     # -- ops --------------------------------------------------------------------------------
@@ -241,8 +242,9 @@ class DualPipeV:
 
         key = (op.stage, op.microbatch)
         grad = None if op.stage == self.last_stage else self._take_input("grad", op)
-        x = self.state.stage_inputs.pop(key)
-        input_grad = backward_step(x, self.state.stage_outputs.pop(key), grad, self.config)
+        x, output = self.state.stage_inputs.pop(key), self.state.stage_outputs.pop(key)
+        self._retire_sends(block=False, output=output)  # its send must be done (and the tensor freed)
+        input_grad = backward_step(x, output, grad, self.config)
         if not op.with_weights:
             self.state.deferred_weights.append(self._weight_pass(self.chunks[self.place.chunk_of(op.stage)]))
         if op.stage > 0:
@@ -295,7 +297,11 @@ class DualPipeV:
 
     def _send(self, kind: str, to_stage: int, microbatch: int, tensor: torch.Tensor, free_after: bool) -> None:
         if self.place.rank_of(to_stage) == self.rank:  # bottom of the V: hand over in memory
-            self.state.local[(kind, to_stage, microbatch)] = tensor.detach().clone() if kind == "act" else tensor
+            if kind == "act":
+                self.state.local[(kind, to_stage, microbatch)] = tensor.detach().clone()
+                self._free_output(tensor if free_after else None)
+            else:
+                self.state.local[(kind, to_stage, microbatch)] = tensor
             return
         if tuple(tensor.shape) != self.shape:
             raise RuntimeError(
@@ -306,18 +312,24 @@ class DualPipeV:
         work = dist.isend(payload, dst=self.peers[self.place.rank_of(to_stage)], group=self.groups[kind])
         self.state.sends.append((work, payload, tensor if free_after else None))
 
-    def _retire_sends(self, block: bool) -> None:
-        """Release delivered messages; pseudo-free sent activations as Megatron does."""
+    def _free_output(self, output) -> None:
+        """Pseudo-free a sent activation (Megatron's ``deallocate_pipeline_outputs``): only its
+        autograd node is needed for the backward."""
         from megatron.core.pipeline_parallel.schedules import deallocate_output_tensor
 
+        deallocate_output_tensor(output, self.config.deallocate_pipeline_outputs)
+
+    def _retire_sends(self, block: bool, output=None) -> None:
+        """Release delivered messages and pseudo-free their activations. ``output``: wait for the
+        send of this tensor in particular (its backward is next)."""
         pending = []
-        for work, payload, output in self.state.sends:
-            if block:
+        for work, payload, sent in self.state.sends:
+            if block or (output is not None and sent is output):
                 work.wait()
             elif not work.is_completed():
-                pending.append((work, payload, output))
+                pending.append((work, payload, sent))
                 continue
-            deallocate_output_tensor(output, self.config.deallocate_pipeline_outputs)
+            self._free_output(sent)
         self.state.sends = pending
 
     # -- gradient reduction -----------------------------------------------------------------
@@ -334,15 +346,20 @@ class DualPipeV:
                 stack.enter_context(f())
             yield
 
-    def _finalize_grads(self) -> None:
+    def _finalize_grads(self, finalize_kwargs: dict) -> None:
         if self.config.grad_sync_func is not None:
             funcs = self.config.grad_sync_func
             funcs = funcs if isinstance(funcs, list) else [funcs] * len(self.chunks)
             for f, chunk in zip(funcs, self.chunks):
                 f(chunk.parameters())
         if self.config.finalize_model_grads_func is not None:
-            tokens = self.state.num_tokens if self.config.calculate_per_token_loss else None
-            self.config.finalize_model_grads_func(self.chunks, tokens)
+            tokens = None
+            if self.config.calculate_per_token_loss:
+                # counted on rank 0 (the loss end of the V); Megatron broadcasts it from the last rank
+                tokens = self.state.num_tokens
+                dist.broadcast(tokens, src=self.peers[0], group=self.pp_group)
+            kwargs = {k: v for k, v in finalize_kwargs.items() if v is not None}
+            self.config.finalize_model_grads_func(self.chunks, tokens, **kwargs)
 
 
 def stage_tensor_shape(config, seq_length: int, micro_batch_size: int, expansion_rate: int | None = None) -> tuple:
@@ -366,21 +383,3 @@ def _unwrap(chunk):
     while hasattr(chunk, "module"):
         chunk = chunk.module
     return chunk
-
-
-def forward_backward_dualpipev(
-    *, forward_step_func, data_iterator, model, num_microbatches, seq_length, micro_batch_size,
-    decoder_seq_length=None, forward_only=False, collect_non_loss_data=False, first_val_step=None,
-    adjust_tensor_shapes_fn=None, p2p_communicator=None, pg_collection=None, force_all_reduce=False,
-):
-    """Drop-in for Megatron's ``forward_backward_func`` (what ``get_forward_backward_func`` returns)."""
-    from megatron.core import parallel_state
-    from megatron.core.utils import get_model_config
-
-    config = get_model_config(model[0])
-    pp_group = pg_collection.pp if pg_collection is not None else parallel_state.get_pipeline_model_parallel_group()
-    runner = DualPipeV(model, config, pp_group, seq_length=seq_length, micro_batch_size=micro_batch_size)
-    result = runner.step(forward_step_func, data_iterator, num_microbatches,
-                         forward_only=forward_only, collect_non_loss_data=collect_non_loss_data)
-    forward_backward_dualpipev.last_executed = runner.executed
-    return result

@@ -91,6 +91,15 @@ def add_mhc_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParse
         "so pipeline sends waiting for it are not queued behind other work (on by default with "
         "--pipeline-schedule dualpipev; no effect on CPU).",
     )
+    g.add_argument(
+        "--pipeline-schedule",
+        choices=("default", "dualpipev"),
+        default="default",
+        help="Pipeline schedule: 'default' (Megatron's 1F1B, or interleaved with virtual stages) or "
+        "'dualpipev' (V-shaped: pipeline rank r holds stages r and 2P-1-r; sets "
+        "--num-virtual-stages-per-pipeline-rank 2; needs >= 2P micro-batches per step and "
+        "--untie-embeddings-and-output-weights; docs/pipeline.md) (default %(default)s).",
+    )
     return parser
 
 

@@ -68,13 +68,11 @@ def train_valid_test_datasets_provider(train_val_test_num_samples, vp_stage=None
     from megatron.core.datasets.blended_megatron_dataset_builder import BlendedMegatronDatasetBuilder
     from megatron.core.datasets.gpt_dataset import GPTDataset, MockGPTDataset
     from megatron.training import get_args
-    from megatron.training.utils import is_first_or_last_pipeline_stage
-
     args = get_args()
     dataset_type = MockGPTDataset if args.mock_data else GPTDataset
 
     def built_on_this_rank():
-        return mpu.get_tensor_model_parallel_rank() == 0 and is_first_or_last_pipeline_stage(vp_stage)
+        return mpu.get_tensor_model_parallel_rank() == 0 and _holds_batch(vp_stage)
 
     return BlendedMegatronDatasetBuilder(
         dataset_type, train_val_test_num_samples, built_on_this_rank, _dataset_config(args)
@@ -86,16 +84,34 @@ train_valid_test_datasets_provider.is_distributed = True
 _BATCH_KEYS = ("tokens", "labels", "loss_mask", "attention_mask", "position_ids")
 
 
+def _dualpipev() -> bool:
+    from megatron.training import get_args
+
+    return getattr(get_args(), "pipeline_schedule", "default") == "dualpipev"
+
+
+def _holds_batch(vp_stage) -> bool:
+    """Whether this chunk reads micro-batches: the first and last stage (both on pipeline rank 0
+    under DualPipeV)."""
+    if _dualpipev():
+        from .dualpipev import holds_batch
+
+        return holds_batch(vp_stage)
+    from megatron.training.utils import is_first_or_last_pipeline_stage
+
+    return is_first_or_last_pipeline_stage(vp_stage)
+
+
 def get_batch(data_iterator, vp_stage=None):
     """This rank's micro-batch: read on tensor-parallel rank 0, broadcast, split for CP."""
     from megatron.core import mpu
     from megatron.core.utils import get_batch_on_this_cp_rank, get_batch_on_this_tp_rank
     from megatron.training import get_args
-    from megatron.training.utils import is_first_or_last_pipeline_stage
 
     args = get_args()
-    if not is_first_or_last_pipeline_stage(vp_stage):
+    if not _holds_batch(vp_stage):
         return {key: None for key in _BATCH_KEYS}
+    both_ends = _dualpipev()  # rank 0 holds the first and the last stage
     tp_rank = mpu.get_tensor_model_parallel_rank()
     batch = {}
     if tp_rank == 0:
@@ -114,8 +130,8 @@ def get_batch(data_iterator, vp_stage=None):
         seq_length=args.seq_length,
         mtp_on_this_rank=False,
         pipeline_model_parallel_size=args.pipeline_model_parallel_size,
-        is_pipeline_first_stage=mpu.is_pipeline_first_stage(),
-        is_pipeline_last_stage=mpu.is_pipeline_last_stage(),
+        is_pipeline_first_stage=both_ends or mpu.is_pipeline_first_stage(),
+        is_pipeline_last_stage=both_ends or mpu.is_pipeline_last_stage(),
     )
     return get_batch_on_this_cp_rank(batch, is_hybrid_cp=False, cp_group=mpu.get_context_parallel_group())
 

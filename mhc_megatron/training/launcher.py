@@ -52,11 +52,20 @@ def install_hooks() -> _LaunchState:
         provider = chain_args_providers(extra_args_provider, add_mhc_arguments, escape_help_percent_signs)
         args = parse(provider, ignore_unknown_args, args_defaults)
         state.settings = mhc_settings_from_args(args)
+        if args.pipeline_schedule == "dualpipev":
+            from .dualpipev import install_schedule
+
+            install_schedule()
         return args
 
     def gpt_config_from_args(args, *rest, **kwargs):
         model_cfg = gpt_config(args, *rest, **kwargs)
-        return apply_mhc_to_gpt_config(model_cfg, state.settings or mhc_settings_from_args(args))
+        model_cfg = apply_mhc_to_gpt_config(model_cfg, state.settings or mhc_settings_from_args(args))
+        if getattr(args, "pipeline_schedule", "default") == "dualpipev":
+            from .dualpipev import use_dualpipev
+
+            use_dualpipev(model_cfg)
+        return model_cfg
 
     def hybrid_config_from_args(args, *rest, **kwargs):
         settings = state.settings or mhc_settings_from_args(args)
@@ -114,6 +123,33 @@ def _split_launcher_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]
     return pre.parse_known_args(argv)
 
 
+def apply_schedule_defaults(argv: list[str], megatron_lm: str | None) -> list[str]:
+    """``--pipeline-schedule dualpipev`` means two virtual stages per rank: add
+    ``--num-virtual-stages-per-pipeline-rank 2`` unless given, refuse anything else."""
+    pre = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
+    pre.add_argument("--pipeline-schedule", default="default")
+    pre.add_argument("--num-virtual-stages-per-pipeline-rank", type=int)
+    pre.add_argument("--num-layers-per-virtual-pipeline-stage", type=int)
+    known, _ = pre.parse_known_args(argv)
+    if known.pipeline_schedule != "dualpipev":
+        return argv
+    if megatron_lm:
+        raise ValueError(
+            "--pipeline-schedule dualpipev runs with the built-in entry only (both ends of the V read "
+            "batches on pipeline rank 0, which the checkout's pretrain_gpt.py does not do): drop --megatron-lm"
+        )
+    if known.num_layers_per_virtual_pipeline_stage is not None:
+        raise ValueError("--pipeline-schedule dualpipev sets two stages per rank itself: drop "
+                         "--num-layers-per-virtual-pipeline-stage")
+    vpp = known.num_virtual_stages_per_pipeline_rank
+    if vpp is None:
+        return [*argv, "--num-virtual-stages-per-pipeline-rank", "2"]
+    if vpp != 2:
+        raise ValueError(f"--pipeline-schedule dualpipev runs two stages per rank, got "
+                         f"--num-virtual-stages-per-pipeline-rank {vpp}: drop it or set 2")
+    return argv
+
+
 def _print_help_header() -> None:
     print(
         f"{PROG}: Megatron-LM GPT pre-training with Manifold-Constrained Hyper-Connections.\n"
@@ -129,8 +165,8 @@ def main(argv: list[str] | None = None) -> int:
     if "-h" in megatron_argv or "--help" in megatron_argv:
         _print_help_header()
     install_hooks()
-    sys.argv = [PROG, *megatron_argv]
     try:
+        sys.argv = [PROG, *apply_schedule_defaults(megatron_argv, launcher.megatron_lm)]
         if launcher.megatron_lm:
             script = os.path.join(launcher.megatron_lm, "pretrain_gpt.py")
             if not os.path.isfile(script):

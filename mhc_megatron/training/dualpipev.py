@@ -1,0 +1,108 @@
+"""megatron.training glue for ``--pipeline-schedule dualpipev``.
+
+Three hooks, all through public seams of megatron.training:
+
+- the model config's ``builder`` (a dotted class path) becomes :class:`DualPipeVGPTModelBuilder`,
+  which builds chunk 0 and chunk 1 of a rank as stages r and 2P-1-r of the V;
+- ``megatron.training.training.get_forward_backward_func`` returns
+  :func:`forward_backward_dualpipev`, which runs the schedule and hands the loss records to the
+  last pipeline rank, where Megatron's training loop reads and logs them;
+- the built-in entry's batch loader (:mod:`.gpt_entry`) asks :func:`holds_batch` which chunks
+  need data: both chunks of pipeline rank 0 (the embedding and the loss), nothing elsewhere.
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+import torch.distributed as dist
+from megatron.core import parallel_state
+from megatron.training.models.gpt import GPTModelBuilder
+
+from ..pipeline.dualpipev import DualPipeV, check_dualpipev_config, chunk_pg_collection, chunk_placements
+
+SCHEDULES = ("default", "dualpipev")
+
+
+@contextlib.contextmanager
+def _pipeline_rank_seen_as(rank: int):
+    """megatron-core's own override of the pipeline rank, set while one chunk is built, so
+    every rank-dependent choice (layer offset, per-layer MoE pattern, recompute blocks) is the
+    V's stage's."""
+    parallel_state.set_pipeline_model_parallel_rank(rank)
+    try:
+        yield
+    finally:
+        parallel_state.set_pipeline_model_parallel_rank(None)
+
+
+class DualPipeVGPTModelBuilder(GPTModelBuilder):
+    """Builds this rank's two DualPipeV chunks; Megatron's pre/post-process guesses are replaced
+    by the V's (rank 0 holds both the embedding and the output layer)."""
+
+    def build_model(self, pg_collection, pre_process=None, post_process=None, vp_stage=None):
+        if vp_stage not in (0, 1):
+            raise ValueError(f"DualPipeV builds chunks 0 and 1 of a rank, got vp_stage={vp_stage}")
+        pp = pg_collection.pp
+        place = chunk_placements(pp.rank(), pp.size())[vp_stage]
+        with _pipeline_rank_seen_as(place.pp_rank):
+            return super().build_model(
+                chunk_pg_collection(pg_collection, place),
+                pre_process=place.pre_process,
+                post_process=place.post_process,
+                vp_stage=vp_stage,
+            )
+
+
+def use_dualpipev(model_cfg) -> None:
+    """Check ``model_cfg`` (a ``GPTModelConfig``) for DualPipeV and make it build V chunks."""
+    check_dualpipev_config(model_cfg.transformer)
+    if model_cfg.share_embeddings_and_output_weights and model_cfg.transformer.pipeline_model_parallel_size > 1:
+        raise ValueError(
+            "DualPipeV keeps the embedding (chunk 0) and the output layer (chunk 1) as two chunks of "
+            "rank 0 and does not tie their weights: add --untie-embeddings-and-output-weights"
+        )
+    model_cfg.builder = f"{DualPipeVGPTModelBuilder.__module__}.{DualPipeVGPTModelBuilder.__qualname__}"
+
+
+def install_schedule() -> None:
+    """Make Megatron's training loop run DualPipeV."""
+    import megatron.training.training as training
+
+    training.get_forward_backward_func = lambda *args, **kwargs: forward_backward_dualpipev
+
+
+def holds_batch(vp_stage) -> bool:
+    """Whether this rank's chunk ``vp_stage`` reads micro-batches (both ends of the V are on rank 0)."""
+    return parallel_state.get_pipeline_model_parallel_rank() == 0
+
+
+def forward_backward_dualpipev(
+    *, forward_step_func, data_iterator, model, num_microbatches, seq_length, micro_batch_size,
+    decoder_seq_length=None, forward_only=False, collect_non_loss_data=False, first_val_step=None,
+    adjust_tensor_shapes_fn=None, p2p_communicator=None, pg_collection=None, force_all_reduce=False,
+):
+    """Drop-in for the function ``get_forward_backward_func`` returns.
+
+    Returns the loss records on the last pipeline rank (empty elsewhere), as Megatron's own
+    schedules do, although DualPipeV computes them on rank 0.
+    """
+    from megatron.core.utils import get_model_config
+
+    config = get_model_config(model[0])
+    pp_group = pg_collection.pp if pg_collection is not None else parallel_state.get_pipeline_model_parallel_group()
+    runner = DualPipeV(model, config, pp_group, seq_length=seq_length, micro_batch_size=micro_batch_size)
+    records = runner.step(forward_step_func, data_iterator, num_microbatches, forward_only=forward_only,
+                          collect_non_loss_data=collect_non_loss_data,
+                          finalize_kwargs={"pg_collection": pg_collection, "force_all_reduce": force_all_reduce})
+    forward_backward_dualpipev.last_executed = runner.executed
+    return hand_records_to_last_rank(records, pp_group)
+
+
+def hand_records_to_last_rank(records: list, pp_group) -> list:
+    size = pp_group.size()
+    if size == 1:
+        return records
+    box = [records if pp_group.rank() == 0 else None]
+    dist.broadcast_object_list(box, src=dist.get_process_group_ranks(pp_group)[0], group=pp_group)
+    return box[0] if pp_group.rank() == size - 1 else []
