@@ -13,7 +13,9 @@ How it plugs in (the hooks are listed in docs/megatron.md):
    ``pretrain_gpt.py`` then runs unchanged; without one, the built-in entry
    (:mod:`~mhc_megatron.training.gpt_entry`) runs ``pretrain`` for mock or indexed data, and the
    dataset-helper compile step, which needs the checkout's Makefile, is skipped when the wheel
-   ships the compiled helpers.
+   ships the compiled helpers;
+4. ``--pipeline-schedule dualpipev`` adds two virtual stages per rank and installs the DualPipeV
+   builder and schedule (:mod:`~mhc_megatron.training.dualpipev`).
 """
 
 from __future__ import annotations
