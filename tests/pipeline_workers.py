@@ -110,6 +110,13 @@ def megatron_pipeline(rank, world_size, port, mode, state_path, vpp, recompute=F
         seq_length=SEQ,
         micro_batch_size=BATCH,
     )
+    result = _chunk_results(chunks, offsets, losses)
+    result["sublayers"] = sorted(s for chunk in result["chunk_sublayers"] for s in chunk)
+    return result
+
+
+def _chunk_results(chunks, offsets, losses) -> dict:
+    """Losses, gradients under global layer names, recompute blocks and sublayers per chunk."""
     grads = {}
     for model, offset in zip(chunks, offsets):
         for name, p in model.named_parameters():
@@ -119,8 +126,8 @@ def megatron_pipeline(rank, world_size, port, mode, state_path, vpp, recompute=F
          if getattr(m, "recompute", None) is not None}
     )
     return {"losses": [float(d["lm loss"]) for d in losses], "grads": grads, "blocks": blocks,
-            "sublayers": sorted(2 * (o + i) + j for c, o in zip(chunks, offsets)
-                                for i in range(len(c.decoder.layers)) for j in (0, 1))}
+            "chunk_sublayers": [sorted(2 * (o + i) + j for i in range(len(c.decoder.layers)) for j in (0, 1))
+                                for c, o in zip(chunks, offsets)]}
 
 
 def _forward_step(data_iterator, model):
@@ -162,15 +169,6 @@ def dualpipev(rank, world_size, port, mode, state_path, layers, microbatches, re
         for c in chunks:
             c.zero_grad(set_to_none=True)
         losses = runner.step(_forward_step, [iter(_batches(microbatches)) for _ in chunks], microbatches)
-    grads = {}
-    for model, offset in zip(chunks, offsets):
-        for name, p in model.named_parameters():
-            grads[_global_name(name, offset)] = p.grad.clone() if p.grad is not None else torch.zeros_like(p)
-    blocks = sorted(
-        {(m.recompute.first_sublayer, m.recompute.size) for c in chunks for m in c.modules()
-         if getattr(m, "recompute", None) is not None}
-    )
-    return {"losses": [float(d["lm loss"]) for d in losses], "grads": grads,
-            "executed": [str(op) for op in runner.executed], "blocks": blocks,
-            "chunk_sublayers": [sorted(2 * (o + i) + j for i in range(len(c.decoder.layers)) for j in (0, 1))
-                                for c, o in zip(chunks, offsets)]}
+    result = _chunk_results(chunks, offsets, losses)
+    result["executed"] = [str(op) for op in runner.executed]
+    return result
