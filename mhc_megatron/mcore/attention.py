@@ -50,7 +50,7 @@ class SDPACoreAttention(MegatronModule):
         self.groups = divide(config.num_query_groups or config.num_attention_heads, tp)
         self.attn_mask_type = attn_mask_type
         self.dropout = config.attention_dropout if attention_dropout is None else attention_dropout
-        head_dim = config.kv_channels
+        head_dim = unused.get("k_channels") or config.kv_channels  # MLA passes its q/k head size
         self.scale = softmax_scale if softmax_scale is not None else 1.0 / math.sqrt(head_dim)
         if config.apply_query_key_layer_scaling:
             raise ValueError("SDPACoreAttention does not support apply_query_key_layer_scaling")

@@ -92,6 +92,13 @@ def add_mhc_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParse
         "--pipeline-schedule dualpipev; no effect on CPU).",
     )
     g.add_argument(
+        "--mhc-log-interval",
+        type=int,
+        default=0,
+        help="Every N iterations log per-sublayer and composite Amax gains and H_res statistics "
+        "through Megatron's TensorBoard/W&B writers (0: off) (default %(default)s).",
+    )
+    g.add_argument(
         "--pipeline-schedule",
         choices=("default", "dualpipev"),
         default="default",
@@ -136,6 +143,11 @@ def mhc_settings_from_args(args: argparse.Namespace) -> MHCSettings:
         n = DEFAULT_EXPANSION_RATE
     elif n is None:
         n = DEFAULT_EXPANSION_RATE
+    interval = getattr(args, "mhc_log_interval", 0)
+    if interval < 0:
+        raise ValueError(f"--mhc-log-interval must be >= 0 (0: off), got {interval}")
+    if interval and mode == "residual":
+        raise ValueError(f"--mhc-log-interval {interval} logs H_res, which needs --residual-mode hc or mhc")
     if mode != "residual" and getattr(args, "enable_mhc_connections", False):
         raise ValueError(
             f"--residual-mode {mode} and upstream Megatron's --enable-mhc-connections both build "

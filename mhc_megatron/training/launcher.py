@@ -36,6 +36,7 @@ PROG = "mhc-pretrain-gpt"
 @dataclass
 class _LaunchState:
     settings: object = None
+    diagnostics: object = None
 
 
 def install_hooks() -> _LaunchState:
@@ -67,6 +68,10 @@ def install_hooks() -> _LaunchState:
             from .dualpipev import use_dualpipev
 
             use_dualpipev(model_cfg)
+        if getattr(args, "mhc_log_interval", 0) and model_cfg.transformer.mhc_settings.enabled:
+            from .diagnostics_log import install_diagnostics_log
+
+            state.diagnostics = install_diagnostics_log(args.mhc_log_interval, model_cfg)
         return model_cfg
 
     def hybrid_config_from_args(args, *rest, **kwargs):

@@ -1,0 +1,138 @@
+"""``--mhc-log-interval N``: H_res statistics and Amax gains in Megatron's TensorBoard / W&B logs.
+
+Every N iterations the coefficient modules record ``H_res`` of a fixed token subset during the
+step's first forward pass (hooks on the modules, attached through the model config's
+``post_wrap_hooks``). Megatron's ``training_log`` is wrapped: after it has run (on every rank,
+outside the pipeline schedule, so a collective there cannot deadlock), the pipeline ranks gather
+their layers' matrices and the rank that owns the writers logs
+
+- ``mhc/composite_forward_gain``, ``mhc/composite_backward_gain``: Amax gains of the product of
+  all layers' H_res (spec section 6), averaged over the recorded tokens;
+- ``mhc/max_single_forward_gain``, ``mhc/max_single_backward_gain``;
+- per sublayer ``mhc/sublayer_<i>/{forward_gain,backward_gain,diag_mean,min,max,col_sum_err}``
+  (``col_sum_err``: max |column sum - 1|, how far Sinkhorn is from doubly stochastic).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+
+from .. import ops
+from ..mcore.coefficients import HCCoefficients, MHCCoefficients
+
+TOKENS = 256  # tokens of the first micro-batch whose H_res are recorded
+
+
+class MHCDiagnosticsLog:
+    def __init__(self, interval: int, *, iteration_fn=None, writers_fn=None, pp_group_fn=None, tokens: int = TOKENS):
+        if interval < 1:
+            raise ValueError(f"--mhc-log-interval must be >= 1, got {interval}")
+        self.interval = interval
+        self.tokens = tokens
+        self._iteration = iteration_fn or _megatron_iteration
+        self._writers = writers_fn or _megatron_writers
+        self._pp_group = pp_group_fn or _megatron_pp_group
+        self.recorded: dict[int, torch.Tensor] = {}
+        self.last: dict | None = None
+
+    # -- recording ------------------------------------------------------------------------------
+
+    def attach(self, model_chunks):
+        """``post_wrap_hooks`` entry: hook every coefficient module of the chunks."""
+        for chunk in model_chunks:
+            for module in chunk.modules():
+                if isinstance(module, (MHCCoefficients, HCCoefficients)):
+                    module.register_forward_hook(self._record)
+        return model_chunks
+
+    def _record(self, module, inputs, output) -> None:
+        # Megatron's curr_iteration k is logged as iteration k + 1
+        if (self._iteration() + 1) % self.interval or module.sublayer_index in self.recorded:
+            return
+        h_res = output[2].detach()
+        self.recorded[module.sublayer_index] = h_res.reshape(-1, *h_res.shape[-2:])[: self.tokens].float().cpu()
+
+    # -- logging --------------------------------------------------------------------------------
+
+    def wrap_training_log(self, training_log):
+        def training_log_with_mhc(*args, **kwargs):
+            result = training_log(*args, **kwargs)
+            iteration = kwargs["iteration"] if "iteration" in kwargs else args[3]
+            if iteration % self.interval == 0:
+                self.flush(iteration)
+            return result
+
+        training_log_with_mhc.__wrapped_by_mhc__ = training_log
+        return training_log_with_mhc
+
+    def flush(self, iteration: int) -> dict | None:
+        """Gather this step's recordings over the pipeline and write them; returns the scalars."""
+        layers = dict(self.recorded)
+        self.recorded.clear()
+        group = self._pp_group()
+        if group is not None and group.size() > 1:
+            parts = [None] * group.size()
+            dist.all_gather_object(parts, layers, group=group)
+            layers = {k: v for part in parts for k, v in part.items()}
+        if not layers:
+            return None
+        scalars = self.scalars(layers)
+        self.last = scalars
+        tensorboard, wandb = self._writers()
+        if tensorboard is not None:
+            for name, value in scalars.items():
+                tensorboard.add_scalar(name, value, iteration)
+        if wandb is not None:
+            wandb.log(scalars, iteration)
+        return scalars
+
+    @staticmethod
+    def scalars(layers: dict[int, torch.Tensor]) -> dict[str, float]:
+        order = sorted(layers)
+        profile = ops.gain_profile([layers[i] for i in order])
+        out = {
+            "mhc/composite_forward_gain": profile["composite_forward_gain"],
+            "mhc/composite_backward_gain": profile["composite_backward_gain"],
+            "mhc/max_single_forward_gain": profile["max_single_forward_gain"],
+            "mhc/max_single_backward_gain": profile["max_single_backward_gain"],
+        }
+        for pos, index in enumerate(order):
+            m = layers[index]
+            prefix = f"mhc/sublayer_{index}/"
+            out[prefix + "forward_gain"] = profile["single_forward_gain"][pos]
+            out[prefix + "backward_gain"] = profile["single_backward_gain"][pos]
+            out[prefix + "diag_mean"] = float(m.diagonal(dim1=-2, dim2=-1).mean())
+            out[prefix + "min"] = float(m.min())
+            out[prefix + "max"] = float(m.max())
+            out[prefix + "col_sum_err"] = float((m.sum(-2) - 1).abs().max())
+        return out
+
+
+def install_diagnostics_log(interval: int, model_cfg) -> MHCDiagnosticsLog:
+    """Attach the logger to the models ``model_cfg`` builds and wrap Megatron's ``training_log``."""
+    import megatron.training.training as training
+
+    log = MHCDiagnosticsLog(interval)
+    model_cfg.post_wrap_hooks = [*model_cfg.post_wrap_hooks, log.attach]
+    original = getattr(training.training_log, "__wrapped_by_mhc__", training.training_log)
+    training.training_log = log.wrap_training_log(original)
+    return log
+
+
+def _megatron_iteration() -> int:
+    from megatron.training import get_args
+
+    return getattr(get_args(), "curr_iteration", 0)
+
+
+def _megatron_writers():
+    from megatron.training.global_vars import get_tensorboard_writer, get_wandb_writer
+
+    return get_tensorboard_writer(), get_wandb_writer()
+
+
+def _megatron_pp_group():
+    from megatron.core import parallel_state
+
+    return parallel_state.get_pipeline_model_parallel_group() if dist.is_initialized() else None

@@ -1,0 +1,108 @@
+"""YAML launch configurations: layout checks, flags, and validate-config on the examples."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import yaml
+
+from mhc_megatron.launch import check_layout, load_launch_config
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+EXAMPLES = {name: os.path.join(ROOT, "examples", name, "config.yaml") for name in ("moe_27b", "small_dense", "small_moe")}
+
+
+def _cli(*args, timeout=300):
+    env = dict(os.environ, PYTHONWARNINGS="ignore")
+    return subprocess.run([sys.executable, "-m", "mhc_megatron.cli", *args], capture_output=True, text=True,
+                          timeout=timeout, env=env)
+
+
+def _variant(tmp_path, base="moe_27b", **changes):
+    """The example config with ``section.key`` values replaced (None deletes)."""
+    with open(EXAMPLES[base]) as f:
+        data = yaml.safe_load(f)
+    for dotted, value in changes.items():
+        section, key = dotted.split("__")
+        if value is None:
+            data[section].pop(key, None)
+        else:
+            data[section][key] = value
+    path = tmp_path / "config.yaml"
+    path.write_text(yaml.safe_dump(data))
+    return str(path)
+
+
+def test_the_27b_layout():
+    layout = check_layout(load_launch_config(EXAMPLES["moe_27b"]))
+    assert (layout.world_size, layout.dp, layout.schedule, layout.layers_per_chunk, layout.microbatches) == (
+        24, 8, "dualpipev", 5, 160)
+    assert layout.expansion_rate == 4
+
+
+@pytest.mark.parametrize(
+    "changes,match",
+    [
+        ({"parallel__pipeline_model_parallel_size": 4, "cluster__nodes": 4}, r"30 layers do not split evenly over 8 pipeline stages"),
+        ({"cluster__nodes": 2}, r"16 GPUs .* do not split into tensor 1 x pipeline 3"),
+        ({"parallel__expert_model_parallel_size": 16}, r"72 experts do not split over expert parallel size 16"),
+        ({"training__global_batch_size": 40}, r"needs >= 6 micro-batches per step, the layout gives 5"),
+        ({"training__global_batch_size": 1281}, r"global batch 1281 is not a multiple of micro-batch 1 x data parallel 8"),
+        ({"model__untie_embeddings_and_output_weights": None}, "untie_embeddings_and_output_weights: true"),
+        ({"mhc__expansion_rate": 0}, "expansion rate"),
+        ({"parallel__tensor_model_parallel_size": 3, "cluster__nodes": 9}, "32 attention heads do not split over tensor parallel size 3"),
+    ],
+)
+def test_inconsistent_layouts_are_named(tmp_path, changes, match):
+    with pytest.raises(ValueError, match=match):
+        check_layout(load_launch_config(_variant(tmp_path, **changes)))
+
+
+def test_bad_files_are_refused(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("modle: {num_layers: 2}\n")
+    with pytest.raises(ValueError, match="unknown section"):
+        load_launch_config(str(bad))
+    bad.write_text("model: {num-layers: 2}\n")
+    with pytest.raises(ValueError, match="underscores"):
+        load_launch_config(str(bad))
+
+
+def test_flags_follow_megatron_spelling():
+    cfg = load_launch_config(EXAMPLES["moe_27b"])
+    argv = cfg.argv()
+    assert argv[argv.index("--moe-layer-freq") + 1] == "([0]+[1]*29)"
+    assert "--multi-latent-attention" in argv and "--pipeline-schedule" in argv
+    out = _cli("launch-args", EXAMPLES["moe_27b"])
+    assert out.returncode == 0 and out.stdout.startswith("--num-layers 30 --hidden-size 2560")
+
+
+@pytest.mark.slow
+def test_validate_config_builds_the_27b_model_on_the_meta_device():
+    out = _cli("validate-config", EXAMPLES["moe_27b"], "--json")
+    assert out.returncode == 0, out.stderr[-3000:]
+    report = json.loads(out.stdout.strip().splitlines()[-1])
+    assert report["total_parameters"] == pytest.approx(27.0e9, rel=0.01)  # the paper's "about 27.0B"
+    assert 3.5e9 < report["active_parameters"] < 4.6e9
+    assert report["mhc_parameters"] == 60 * 2560 * 4 * (16 + 8) + 60 * (24 + 3)  # phi + bias + alpha per sublayer
+    assert [r["stages"] for r in report["per_rank"]] == [[0, 5], [1, 4], [2, 3]]
+    assert all(0 < r["memory_gib"] < 80 for r in report["per_rank"])
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["small_dense", "small_moe"])
+def test_validate_config_small_examples(name):
+    out = _cli("validate-config", EXAMPLES[name])
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert f"{name}/config.yaml: OK" in out.stdout
+
+
+def test_validate_config_exits_2_on_a_bad_layout(tmp_path):
+    out = _cli("validate-config", _variant(tmp_path, **{"parallel__pipeline_model_parallel_size": 4, "cluster__nodes": 4}))
+    assert out.returncode == 2 and "do not split evenly" in out.stderr
+
+
+def test_sbatch_script_is_valid_bash():
+    assert subprocess.run(["bash", "-n", os.path.join(ROOT, "examples", "moe_27b", "sbatch.sh")]).returncode == 0
