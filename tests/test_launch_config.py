@@ -77,6 +77,9 @@ def test_flags_follow_megatron_spelling():
     assert "--multi-latent-attention" in argv and "--pipeline-schedule" in argv
     out = _cli("launch-args", EXAMPLES["moe_27b"])
     assert out.returncode == 0 and out.stdout.startswith("--num-layers 30 --hidden-size 2560")
+    assert "'([0]+[1]*29)'" in out.stdout  # shell-quoted
+    lines = _cli("launch-args", "--lines", EXAMPLES["moe_27b"]).stdout.splitlines()
+    assert lines == argv
 
 
 @pytest.mark.slow

@@ -34,7 +34,7 @@ export NVTE_FWD_LAYERNORM_SM_MARGIN=16 NVTE_BWD_LAYERNORM_SM_MARGIN=16
 
 MASTER_ADDR=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)
 MASTER_PORT=${MASTER_PORT:-29500}
-read -r -a MODEL_ARGS <<< "$(mhc-megatron launch-args "$CONFIG")"
+mapfile -t MODEL_ARGS < <(mhc-megatron launch-args --lines "$CONFIG")
 
 srun --kill-on-bad-exit=1 bash -c "torchrun \
     --nnodes $SLURM_NNODES --nproc-per-node 8 --node-rank \$SLURM_NODEID \

@@ -29,10 +29,12 @@ def add_parser(sub) -> None:
     q = sub.add_parser(
         "launch-args",
         help="print the mhc-pretrain-gpt flags of a YAML launch config",
-        description="Print the flags of a YAML launch configuration, one command line, for scripts "
-        "(examples/moe_27b/sbatch.sh passes them to mhc-pretrain-gpt). The layout is checked first.",
+        description="Print the flags of a YAML launch configuration for scripts: one shell-quoted command "
+        "line, or one argument per line with --lines (for bash's mapfile, as examples/moe_27b/sbatch.sh "
+        "does). The layout is checked first.",
     )
     q.add_argument("path", help="the YAML launch configuration")
+    q.add_argument("--lines", action="store_true", help="one argument per line, unquoted")
     q.set_defaults(run=run_launch_args)
 
 
@@ -46,7 +48,7 @@ def run_launch_args(args) -> int:
 
         cfg = load_launch_config(args.path)
         check_layout(cfg)
-    print(shlex.join(cfg.argv()))
+    print("\n".join(cfg.argv()) if args.lines else shlex.join(cfg.argv()))
     return 0
 
 
