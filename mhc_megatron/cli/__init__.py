@@ -6,9 +6,19 @@ from __future__ import annotations
 import argparse
 import sys
 
-from . import bench_cmd, demo_cmd, plan_recompute_cmd, simulate_pipeline_cmd, stability_cmd, validate_config_cmd
+from . import (
+    bench_cmd,
+    demo_cmd,
+    plan_recompute_cmd,
+    profile_cmd,
+    simulate_pipeline_cmd,
+    stability_cmd,
+    validate_config_cmd,
+)
 
-_COMMANDS = (bench_cmd, demo_cmd, plan_recompute_cmd, simulate_pipeline_cmd, stability_cmd, validate_config_cmd)
+_COMMANDS = (
+    bench_cmd, demo_cmd, plan_recompute_cmd, profile_cmd, simulate_pipeline_cmd, stability_cmd, validate_config_cmd,
+)
 
 
 def build_parser() -> argparse.ArgumentParser:

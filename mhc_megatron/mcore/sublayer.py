@@ -27,6 +27,7 @@ from megatron.core.transformer.spec_utils import ModuleSpec, build_module
 
 from .. import ops
 from .recompute import BlockRecompute, RecomputeChain, recomputed
+from .profiling import region
 from .settings import MHCSettings
 from .streams import on_high_priority_stream
 
@@ -101,26 +102,30 @@ class MHCSublayerInput(MegatronModule):
                     f"the model's first mHC sublayer expects the embedding [s, b, {self.hidden_size}], "
                     f"got shape {tuple(hidden_states.shape)}"
                 )
-            x = ops.expand_streams(hidden_states, self.n)
-            if self.recompute is None or not torch.is_grad_enabled():
-                # materialise the streams once: every mHC step keeps x for backward, and
-                # each would otherwise keep its own contiguous copy of the broadcast view.
-                # (A recompute block keeps the view itself: C instead of nC elements.)
-                x = x.contiguous()
+            with region("expand"):
+                x = ops.expand_streams(hidden_states, self.n)
+                if self.recompute is None or not torch.is_grad_enabled():
+                    # materialise the streams once: every mHC step keeps x for backward, and
+                    # each would otherwise keep its own contiguous copy of the broadcast view.
+                    # (A recompute block keeps the view itself: C instead of nC elements.)
+                    x = x.contiguous()
         else:
             x = _unflatten_streams(
                 hidden_states, self.n, self.hidden_size,
                 f"mHC sublayer {self.coefficients.sublayer_index}",
             )
-        if self.recompute is not None and torch.is_grad_enabled():
-            chain = self.recompute.chain_for(self.position, x, functools.partial(ops.mhc_post_res, backend=self.backend))
-            h_post, h_res, y = recomputed(
-                self._coefficients_and_pre, chain, self.position, x, *self.coefficients.coefficient_parameters()
-            )
-            residual = MHCResidual(x, h_post, h_res, chain, self.position)
-        else:
-            h_post, h_res, y = self._coefficients_and_pre(x)
-            residual = MHCResidual(x, h_post, h_res)
+        with region("pre"):
+            if self.recompute is not None and torch.is_grad_enabled():
+                chain = self.recompute.chain_for(
+                    self.position, x, functools.partial(ops.mhc_post_res, backend=self.backend)
+                )
+                h_post, h_res, y = recomputed(
+                    self._coefficients_and_pre, chain, self.position, x, *self.coefficients.coefficient_parameters()
+                )
+                residual = MHCResidual(x, h_post, h_res, chain, self.position)
+            else:
+                h_post, h_res, y = self._coefficients_and_pre(x)
+                residual = MHCResidual(x, h_post, h_res)
         normed = self.norm(y)
         if isinstance(normed, tuple):  # a residual-fused norm returns (output, residual)
             normed = normed[0]
@@ -169,7 +174,8 @@ class MHCSublayerOutput(torch.nn.Module):
             run = functools.partial(recomputed, post, chain, position)
         else:
             chain, run = None, post
-        x = on_high_priority_stream(run, residual.x, *args) if side_stream else run(residual.x, *args)
+        with region("post_res"):
+            x = on_high_priority_stream(run, residual.x, *args) if side_stream else run(residual.x, *args)
         if chain is not None:
             chain.record_post(position, *args, x)
         return x.flatten(-2)
@@ -187,4 +193,6 @@ class MHCStreamContraction(MegatronModule):
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
         x = _unflatten_streams(hidden_states, self.n, self.hidden_size, "the mHC stream contraction")
-        return self.norm(ops.contract_streams(x, self.reduction))
+        with region("contract"):
+            y = ops.contract_streams(x, self.reduction)
+        return self.norm(y)

@@ -1,0 +1,64 @@
+"""``mhc-megatron profile``: the overhead of mHC against the residual baseline, measured."""
+
+from __future__ import annotations
+
+import json
+
+
+def add_parser(sub) -> None:
+    from ..bench.profile import ProfileConfig
+
+    d = ProfileConfig()
+    p = sub.add_parser(
+        "profile",
+        help="measure the time mHC adds to a training step and where it goes (torch.profiler)",
+        description=(
+            "Train the residual baseline and the mHC model (same architecture, seed and batches) one step "
+            "each in turn; after --warmup steps time --steps steps of each (device synchronised) and report "
+            "the median time per step and the overhead in percent. A torch.profiler window of "
+            "--profile-steps steps per mode splits the step into mHC forward (the mhc.* ranges), mHC "
+            "backward (autograd nodes created in them), communication and the rest, and is saved as a "
+            "Chrome trace per mode plus a PNG under --out. Uses the GPU when there is one."
+        ),
+    )
+    p.add_argument("--modes", default=",".join(d.modes), help="comma-separated, residual first (default %(default)s)")
+    for name in ("layers", "hidden", "heads", "seq_len", "batch_size", "expansion_rate", "steps", "warmup", "profile_steps"):
+        p.add_argument(f"--{name.replace('_', '-')}", type=int, default=getattr(d, name), help="(default %(default)s)")
+    p.add_argument("--recompute", action="store_true", help="profile with mHC recompute on")
+    p.add_argument("--device", choices=("auto", "cpu", "cuda"), default=d.device, help="(default %(default)s)")
+    p.add_argument("--out", default="profile-out", help="directory for traces, PNG and JSON (default %(default)s)")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.set_defaults(run=run)
+
+
+def run(args) -> int:
+    import os
+
+    from ..bench.profile import ProfileConfig, run_profile
+
+    cfg = ProfileConfig(
+        modes=tuple(m.strip() for m in args.modes.split(",") if m.strip()), layers=args.layers, hidden=args.hidden,
+        heads=args.heads, seq_len=args.seq_len, batch_size=args.batch_size, expansion_rate=args.expansion_rate,
+        steps=args.steps, warmup=args.warmup, profile_steps=args.profile_steps, recompute=args.recompute,
+        device=args.device,
+    )
+    cfg.validate()
+    report = run_profile(cfg, out_dir=args.out)
+    with open(os.path.join(args.out, "profile.json"), "w") as f:
+        json.dump(report, f, indent=1)
+    if args.json:
+        print(json.dumps(report))
+        return 0
+    c = report["config"]
+    print(f"device {report['device']}: {c['layers']} layers, hidden {c['hidden']}, seq {c['seq_len']} x batch "
+          f"{c['batch_size']}, n = {c['expansion_rate']}; {c['steps']} timed steps after {c['warmup']} warm-up, "
+          f"alternating\n")
+    print(f"{'mode':<9}{'ms/step':>9}{'tokens/s':>10}{'overhead':>10}{'mHC fwd':>9}{'mHC bwd':>9}{'comm':>7}{'rest':>8}")
+    for r in report["results"]:
+        b = r["breakdown_ms"]
+        over = "-" if r["overhead_percent"] is None else f"{r['overhead_percent']:+.1f}%"
+        print(f"{r['mode']:<9}{r['step_ms_median']:>9.2f}{r['tokens_per_s']:>10.0f}{over:>10}"
+              f"{b['mhc_forward']:>9.2f}{b['mhc_backward']:>9.2f}{b['communication']:>7.2f}{b['rest']:>8.2f}")
+    print(f"\n(ms per step; breakdown from torch.profiler over {c['profile_steps']} steps)")
+    print(f"traces: {', '.join(report['traces'].values())}; plot: {report['plot']}")
+    return 0
