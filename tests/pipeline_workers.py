@@ -136,7 +136,8 @@ def _forward_step(data_iterator, model):
     return out, lambda o: (o.float().mean(), {"lm loss": o.float().mean().detach()})
 
 
-def dualpipev(rank, world_size, port, mode, state_path, layers, microbatches, recompute=False, steps=1):
+def dualpipev(rank, world_size, port, mode, state_path, layers, microbatches, recompute=False, steps=1,
+              forward_only=False):
     """Our DualPipeV schedule over ``world_size`` ranks (2 x world_size stages)."""
     from megatron.core.models.gpt import GPTModel
     from megatron.core.process_groups_config import ProcessGroupCollection
@@ -165,6 +166,12 @@ def dualpipev(rank, world_size, port, mode, state_path, layers, microbatches, re
         chunks.append(model)
         offsets.append(offset)
     runner = DualPipeV(chunks, cfg, pgc.pp, seq_length=SEQ, micro_batch_size=BATCH)
+    if forward_only:  # evaluation: any number of micro-batches, no gradients
+        with torch.no_grad():
+            records = runner.step(_forward_step, [iter(_batches(microbatches)) for _ in chunks], microbatches,
+                                  forward_only=True)
+        return {"losses": [float(d["lm loss"]) for d in records],
+                "grads": sum(p.grad is not None for c in chunks for p in c.parameters())}
     for _ in range(steps):
         for c in chunks:
             c.zero_grad(set_to_none=True)

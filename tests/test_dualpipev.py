@@ -54,3 +54,11 @@ def test_dualpipev_with_recompute_blocks_inside_chunks_over_two_steps(tmp_path):
         assert r["blocks"]
         for first, size in r["blocks"]:
             assert any(lo <= first and first + size - 1 <= hi for lo, hi in spans), (first, size, spans)
+
+
+def test_dualpipev_forward_only_evaluates_any_number_of_microbatches(tmp_path):
+    state = str(tmp_path / "ref.pt")
+    (ref,) = run_distributed(reference, 1, "mhc", state, False, 4, 3)
+    ranks = run_distributed(dualpipev, 2, "mhc", state, 4, 3, False, 1, True)  # 3 < 2P: fine without backward
+    assert ranks[0]["losses"] == pytest.approx(ref["losses"], rel=1e-5)
+    assert all(r["grads"] == 0 for r in ranks)

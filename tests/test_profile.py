@@ -17,7 +17,7 @@ def test_profile_reports_overhead_and_a_breakdown_that_adds_up(tmp_path, recompu
     res, hc, mhc = report["results"]
     assert res["overhead_percent"] is None
     for r in (hc, mhc):
-        assert r["overhead_percent"] == pytest.approx(100 * (r["step_ms_median"] / res["step_ms_median"] - 1), abs=0.01)
+        assert r["overhead_percent"] == pytest.approx(100 * (r["step_ms_median"] / res["step_ms_median"] - 1), abs=0.5)  # ms rounded to 1 us
         b = r["breakdown_ms"]
         assert b["mhc_forward"] > 0 and b["mhc_backward"] > 0
         assert sum(b.values()) == pytest.approx(r["step_ms_median"], rel=1e-3)
