@@ -7,7 +7,7 @@ import sys
 
 import pytest
 
-from launcher_workers import TINY_GPT_ARGS, build_from_cli, dualpipev_from_cli
+from launcher_workers import TINY_GPT_ARGS, build_from_cli, dualpipev_from_cli, hybrid_from_cli
 from mcore_helpers import run_distributed
 from mhc_megatron.training import mhc_settings_from_args
 from mhc_megatron.training.arguments import add_mhc_arguments
@@ -122,3 +122,9 @@ def test_dualpipev_sets_two_virtual_stages():
     assert apply_schedule_defaults(["--pipeline-schedule", "dualpipev"], None)[-2:] == [
         "--num-virtual-stages-per-pipeline-rank", "2"]
     assert apply_schedule_defaults(["--pp", "2"], None) == ["--pp", "2"]
+
+
+@pytest.mark.slow
+def test_hybrid_layer_pattern_builds_the_mhc_hybrid_model():
+    (result,) = run_distributed(hybrid_from_cli, 1, ["--residual-mode", "mhc", "--expansion-rate", "2"])
+    assert result["types"] == ["MHCSublayerInput"] * 4 and result["loss"] > 0

@@ -182,7 +182,7 @@ def test_non_transformer_layer_spec_is_refused():
     class MambaLikeSubmodules:
         mixer: object = None
 
-    with pytest.raises(ValueError, match="HybridModel layers are not supported"):
+    with pytest.raises(ValueError, match="mhc_hybrid_stack_spec"):
         mhc_layer_spec(ModuleSpec(module=torch.nn.Identity, submodules=MambaLikeSubmodules()), settings("mhc"), 0)
 
 

@@ -75,7 +75,7 @@ def mhc_layer_spec(
         raise ValueError(
             f"mHC wraps TransformerLayer specs (TransformerLayerSubmodules), got a spec for "
             f"{getattr(layer_spec.module, '__name__', layer_spec.module)} with "
-            f"{type(sub).__name__}; HybridModel layers are not supported yet"
+            f"{type(sub).__name__}; for HybridModel stacks use mhc_megatron.mcore.hybrid.mhc_hybrid_stack_spec"
         )
 
     def sublayer_input(norm, sublayer_index: int, expand: bool, block=None):

@@ -143,19 +143,26 @@ class MHCSublayerOutput(torch.nn.Module):
     function ``(output_with_bias, residual, dropout_prob) -> next residual``.
     """
 
-    def __init__(self, config=None, settings: MHCSettings | None = None, high_priority_stream: bool = False):
+    def __init__(
+        self, config=None, settings: MHCSettings | None = None, high_priority_stream: bool = False,
+        contract: bool = False,
+    ):
         super().__init__()
         self.backend = settings.backend if settings is not None else "auto"
         self.high_priority_stream = high_priority_stream
+        # the model's last sublayer where the final norm is not a spec slot (HybridModel)
+        self.contraction = settings.contraction if contract else None
 
     def forward(self, training: bool, fused: bool = False):
         return functools.partial(
-            self._post_residual, training=training, backend=self.backend, side_stream=self.high_priority_stream
+            self._post_residual, training=training, backend=self.backend, side_stream=self.high_priority_stream,
+            contraction=self.contraction,
         )
 
     @staticmethod
     def _post_residual(
-        output_with_bias, residual, prob: float, training: bool, backend: str, side_stream: bool = False
+        output_with_bias, residual, prob: float, training: bool, backend: str, side_stream: bool = False,
+        contraction: str | None = None,
     ) -> torch.Tensor:
         if not isinstance(residual, MHCResidual):
             raise TypeError(
@@ -178,6 +185,9 @@ class MHCSublayerOutput(torch.nn.Module):
             x = on_high_priority_stream(run, residual.x, *args) if side_stream else run(residual.x, *args)
         if chain is not None:
             chain.record_post(position, *args, x)
+        if contraction is not None:
+            with region("contract"):
+                return ops.contract_streams(x, contraction)
         return x.flatten(-2)
 
 

@@ -1,4 +1,4 @@
-"""A built-in GPT pre-training entry for installs without a Megatron-LM checkout.
+"""A built-in GPT (and HybridModel) pre-training entry for installs without a Megatron-LM checkout.
 
 The megatron-core wheel ships ``megatron.training`` but not Megatron-LM's ``pretrain_gpt.py``.
 This module provides the two callbacks ``pretrain`` needs for plain GPT pre-training on mock or
@@ -23,11 +23,6 @@ UNSUPPORTED_WITHOUT_CHECKOUT = {
 
 
 def check_supported(args) -> None:
-    if getattr(args, "hybrid_layer_pattern", None):
-        raise ValueError(
-            "mhc-pretrain-gpt trains GPTModel/TransformerBlock models; --hybrid-layer-pattern "
-            "(HybridModel) is not supported with mHC yet"
-        )
     for attr, flag in UNSUPPORTED_WITHOUT_CHECKOUT.items():
         if getattr(args, attr, None):
             raise ValueError(

@@ -8,7 +8,7 @@ How it plugs in (the hooks are listed in docs/megatron.md):
    ``extra_args_provider`` the entry script passes) and validates them;
 2. ``megatron.training.argument_utils.gpt_config_from_args`` returns a config whose layer spec
    is the mHC block spec (:func:`~mhc_megatron.training.model_config.apply_mhc_to_gpt_config`);
-   ``hybrid_config_from_args`` refuses mHC (HybridModel is not supported yet);
+   ``hybrid_config_from_args`` likewise gives HybridModel (``--hybrid-layer-pattern``) its mHC stack spec;
 3. with a Megatron-LM checkout (``--megatron-lm PATH`` or ``$MEGATRON_LM``) its own
    ``pretrain_gpt.py`` then runs unchanged; without one, the built-in entry
    (:mod:`~mhc_megatron.training.gpt_entry`) runs ``pretrain`` for mock or indexed data, and the
@@ -28,7 +28,7 @@ import sys
 from dataclasses import dataclass
 
 from .arguments import add_mhc_arguments, chain_args_providers, mhc_settings_from_args
-from .model_config import apply_mhc_to_gpt_config
+from .model_config import apply_mhc_to_gpt_config, apply_mhc_to_hybrid_config
 
 PROG = "mhc-pretrain-gpt"
 
@@ -76,12 +76,9 @@ def install_hooks() -> _LaunchState:
 
     def hybrid_config_from_args(args, *rest, **kwargs):
         settings = state.settings or mhc_settings_from_args(args)
-        if settings.enabled:
-            raise ValueError(
-                f"--residual-mode {settings.mode} supports GPTModel/TransformerBlock models only; "
-                "HybridModel (--hybrid-layer-pattern) is not supported yet"
-            )
-        return hybrid_config(args, *rest, **kwargs)
+        if getattr(args, "pipeline_schedule", "default") == "dualpipev":
+            raise ValueError("--pipeline-schedule dualpipev supports GPTModel only; HybridModel runs Megatron's schedules")
+        return apply_mhc_to_hybrid_config(hybrid_config(args, *rest, **kwargs), settings)
 
     for fn, original in (
         (parse_and_validate_args, parse),
@@ -175,9 +172,10 @@ def main(argv: list[str] | None = None) -> int:
     try:
         sys.argv = [PROG, *apply_schedule_defaults(megatron_argv, launcher.megatron_lm)]
         if launcher.megatron_lm:
-            script = os.path.join(launcher.megatron_lm, "pretrain_gpt.py")
+            name = "pretrain_hybrid.py" if "--hybrid-layer-pattern" in megatron_argv else "pretrain_gpt.py"
+            script = os.path.join(launcher.megatron_lm, name)
             if not os.path.isfile(script):
-                raise ValueError(f"--megatron-lm {launcher.megatron_lm}: no pretrain_gpt.py there")
+                raise ValueError(f"--megatron-lm {launcher.megatron_lm}: no {name} there")
             sys.path.insert(0, os.path.abspath(launcher.megatron_lm))
             runpy.run_path(script, run_name="__main__")
         else:
@@ -191,14 +189,19 @@ def main(argv: list[str] | None = None) -> int:
 def _run_builtin_entry() -> None:
     from megatron.core.enums import ModelType
     from megatron.training import pretrain
-    from megatron.training.argument_utils import gpt_config_from_args, pretrain_cfg_container_from_args
+    from megatron.training.argument_utils import (
+        gpt_config_from_args,
+        hybrid_config_from_args,
+        pretrain_cfg_container_from_args,
+    )
     from megatron.training.arguments import parse_and_validate_args
 
     from . import gpt_entry
 
     args = parse_and_validate_args(args_defaults={"tokenizer_type": "GPT2BPETokenizer"})
     gpt_entry.check_supported(args)
-    model_cfg = gpt_config_from_args(args)
+    # Megatron's convention: --hybrid-layer-pattern selects HybridModel (same data and forward step)
+    model_cfg = hybrid_config_from_args(args) if args.hybrid_layer_pattern else gpt_config_from_args(args)
     skip_dataset_helper_compile_if_prebuilt()
     pretrain(
         pretrain_cfg_container_from_args(args, model_cfg),

@@ -55,3 +55,32 @@ def apply_mhc_to_gpt_config(model_cfg, settings: MHCSettings):
 
     model_cfg.transformer_layer_spec = mhc_layer_spec
     return model_cfg
+
+
+def apply_mhc_to_hybrid_config(model_cfg, settings: MHCSettings):
+    """Make ``model_cfg`` (a ``HybridModelConfig``) build mHC/HC hybrid layers; residual: unchanged.
+
+    The stack spec is the config's own, or megatron-core's default (transformer-engine) hybrid
+    stack; every attention, MLP and MoE layer of the pattern becomes one mHC sublayer
+    (:mod:`mhc_megatron.mcore.hybrid`).
+    """
+    from ..mcore.hybrid import mhc_hybrid_stack_spec
+
+    transformer = model_cfg.transformer
+    transformer.mhc_settings = settings
+    if not settings.enabled:
+        return model_cfg
+    if not model_cfg.hybrid_layer_pattern:
+        raise ValueError("mHC for HybridModel needs --hybrid-layer-pattern (for example '*-*-*-*-')")
+    configure_pipeline(transformer, settings)
+    check_transformer_config(transformer, settings)
+    spec = model_cfg.hybrid_stack_spec
+    if spec is None:
+        if transformer.transformer_impl == "inference_optimized" or model_cfg.restore_modelopt_state:
+            raise ValueError(
+                f"--residual-mode {settings.mode} does not wrap the inference-optimized or ModelOpt hybrid "
+                "stacks; use --transformer-impl transformer_engine"
+            )
+        from megatron.core.models.hybrid.hybrid_layer_specs import hybrid_stack_spec as spec
+    model_cfg.hybrid_stack_spec = mhc_hybrid_stack_spec(spec, settings, model_cfg.hybrid_layer_pattern)
+    return model_cfg

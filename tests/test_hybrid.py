@@ -1,0 +1,111 @@
+"""mHC in megatron-core's HybridModel: the pattern '*-*-' computes what the GPT model does."""
+
+import dataclasses
+
+import pytest
+import torch
+
+from mcore_helpers import SEQ, VOCAB, local_block_spec, make_batch, tiny_config
+from mhc_megatron.mcore import MHCSettings
+from mhc_megatron.mcore.hybrid import mhc_hybrid_stack_spec
+
+pytestmark = pytest.mark.usefixtures("megatron_world")
+
+
+@pytest.fixture
+def hybrid_final_norm_on_cpu(monkeypatch):
+    """Test-only: HybridStack's final norm is transformer-engine's, absent here."""
+    from megatron.core.models.hybrid import hybrid_block
+    from megatron.core.transformer.torch_norm import WrappedTorchNorm
+
+    monkeypatch.setattr(hybrid_block, "TENorm", WrappedTorchNorm)
+
+
+def _local_stack_spec():
+    from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
+    from megatron.core.models.hybrid.hybrid_block import HybridStack, HybridStackSubmodules
+    from megatron.core.ssm.mlp_layer import MLPLayer
+    from megatron.core.transformer.identity_op import IdentityFuncOp, IdentityOp
+    from megatron.core.transformer.spec_utils import ModuleSpec
+
+    from mhc_megatron.mcore.attention import SDPACoreAttention
+    from mhc_megatron.mcore.specs import with_core_attention
+
+    layer = with_core_attention(get_gpt_layer_local_spec(normalization="RMSNorm"), SDPACoreAttention)
+    sub = layer.submodules
+    attention = dataclasses.replace(layer, submodules=dataclasses.replace(
+        sub, pre_mlp_layernorm=IdentityOp, mlp=IdentityOp, mlp_bda=IdentityFuncOp))
+    mlp = ModuleSpec(module=MLPLayer, submodules=dataclasses.replace(
+        sub, input_layernorm=IdentityOp, self_attention=IdentityOp, self_attn_bda=IdentityFuncOp))
+    return ModuleSpec(module=HybridStack, submodules=HybridStackSubmodules(attention_layer=attention, mlp_layer=mlp))
+
+
+def _hybrid(settings, pattern="*-*-"):
+    from megatron.core.models.hybrid.hybrid_model import HybridModel
+
+    cfg = tiny_config(num_layers=len(pattern))
+    return HybridModel(cfg, mhc_hybrid_stack_spec(_local_stack_spec(), settings, pattern), vocab_size=VOCAB,
+                       max_sequence_length=SEQ, hybrid_layer_pattern=pattern, position_embedding_type="none",
+                       share_embeddings_and_output_weights=False)
+
+
+def _gpt(settings):
+    from megatron.core.models.gpt import GPTModel
+
+    cfg = tiny_config(num_layers=2)
+    return GPTModel(cfg, local_block_spec(cfg, settings), vocab_size=VOCAB, max_sequence_length=SEQ,
+                    position_embedding_type="none", share_embeddings_and_output_weights=False)
+
+
+def _gpt_name_in_hybrid(name: str) -> str:
+    parts = name.split(".")
+    if parts[:2] == ["decoder", "layers"]:
+        i, rest = int(parts[2]), parts[3:]
+        mlp_side = rest[0] in ("pre_mlp_layernorm", "mlp")
+        return ".".join(["decoder", "layers", str(2 * i + mlp_side), *rest])
+    if name.startswith("decoder.final_layernorm."):
+        return name.replace("decoder.final_layernorm.norm.", "decoder.final_norm.").replace(
+            "decoder.final_layernorm.", "decoder.final_norm.")
+    return name
+
+
+@pytest.mark.parametrize("mode", ["mhc", "hc", "residual"])
+def test_hybrid_pattern_computes_what_the_gpt_model_does(hybrid_final_norm_on_cpu, mode):
+    settings = MHCSettings(mode=mode, expansion_rate=4, res_init_diag=2.0)
+    torch.manual_seed(0)
+    gpt = _gpt(settings)
+    hybrid = _hybrid(settings)
+    gpt_state = gpt.state_dict()
+    hybrid_state = hybrid.state_dict()
+    mapped = {_gpt_name_in_hybrid(k): v for k, v in gpt_state.items() if not k.endswith("_extra_state")}
+    missing = [k for k in hybrid_state if not k.endswith("_extra_state") and k not in mapped]
+    assert not missing, missing
+    hybrid.load_state_dict({**hybrid_state, **{k: v for k, v in mapped.items() if k in hybrid_state}})
+    tokens, positions, labels = make_batch(seed=9)
+    losses = []
+    for model in (gpt, hybrid):
+        loss = model(tokens, positions, None, labels=labels).float().mean()
+        loss.backward()
+        losses.append(loss)
+    torch.testing.assert_close(losses[1], losses[0], rtol=1e-5, atol=1e-6)
+    hybrid_grads = dict(hybrid.named_parameters())
+    for name, p in gpt.named_parameters():
+        torch.testing.assert_close(hybrid_grads[_gpt_name_in_hybrid(name)].grad, p.grad, rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_layers_mhc_cannot_wrap_are_refused():
+    settings = MHCSettings(mode="mhc")
+    with pytest.raises(ValueError, match=r"'M' \(Mamba\)"):
+        mhc_hybrid_stack_spec(_local_stack_spec(), settings, "M*M-")
+    with pytest.raises(ValueError, match="multi-token prediction"):
+        mhc_hybrid_stack_spec(_local_stack_spec(), settings, "*-*-/*-")
+
+
+def test_pipeline_bars_are_layers_of_one_stack(hybrid_final_norm_on_cpu):
+    model = _hybrid(MHCSettings(mode="mhc", expansion_rate=2), pattern="*-*-")
+    kinds = [type(layer.input_layernorm).__name__ if i % 2 == 0 else type(layer.pre_mlp_layernorm).__name__
+             for i, layer in enumerate(model.decoder.layers)]
+    assert kinds == ["MHCSublayerInput"] * 4
+    assert model.decoder.layers[0].input_layernorm.expand_input
+    assert model.decoder.layers[-1].mlp_bda.contraction == "mean"
+    assert model.decoder.layers[1].mlp_bda.contraction is None
