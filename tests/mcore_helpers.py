@@ -52,7 +52,10 @@ def cpu_redirections() -> None:
     from megatron.core.tensor_parallel import mappings
     from megatron.core.transformer.moe import router
 
+    from megatron.core.transformer import multi_token_prediction
+
     _on_cpu(router.Router, "gating")
+    _on_cpu(multi_token_prediction.MTPLossLoggingHelper, "save_metrics_to_tracker")  # MTP's loss log buffer
     _on_cpu(mappings, "_gather_along_first_dim")
     _on_cpu(mappings, "_reduce_scatter_along_first_dim")
 

@@ -128,3 +128,9 @@ def test_dualpipev_sets_two_virtual_stages():
 def test_hybrid_layer_pattern_builds_the_mhc_hybrid_model():
     (result,) = run_distributed(hybrid_from_cli, 1, ["--residual-mode", "mhc", "--expansion-rate", "2"])
     assert result["types"] == ["MHCSublayerInput"] * 4 and result["loss"] > 0
+
+
+@pytest.mark.slow
+def test_cli_builds_mhc_with_multi_token_prediction():
+    (result,) = run_distributed(build_from_cli, 1, ["--residual-mode", "mhc", "--mtp-num-layers", "1", "--position-embedding-type", "none"])
+    assert result["input_module"] == "MHCSublayerInput" and result["loss"] > 0

@@ -37,11 +37,9 @@ def apply_mhc_to_gpt_config(model_cfg, settings: MHCSettings):
         return model_cfg
     configure_pipeline(transformer, settings)
     check_transformer_config(transformer, settings)
-    if getattr(transformer, "mtp_num_layers", None):
-        raise ValueError(
-            f"--residual-mode {settings.mode} with --mtp-num-layers is not supported yet "
-            "(Multi-Token Prediction layers would receive the n-stream residual); drop --mtp-num-layers"
-        )
+    # Multi-token prediction: Megatron builds the MTP block from its own residual layer specs, and
+    # the block starts from the decoder's output, which mHC has already contracted to [s, b, C];
+    # so MTP layers are plain residual layers on top of the mHC decoder (docs/megatron.md).
     base = model_cfg.transformer_layer_spec
 
     def mhc_layer_spec(cfg, vp_stage=None):
