@@ -98,24 +98,15 @@ def dualpipev_from_cli(rank, world_size, port, extra_args):
 def hybrid_from_cli(rank, world_size, port, extra_args):
     """mhc-pretrain-gpt with --hybrid-layer-pattern: Megatron's hybrid config path through the
     launcher's hooks, built with the local layers this machine has."""
-    import dataclasses
-
-    from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
-    from megatron.core.models.hybrid import hybrid_block
-    from megatron.core.models.hybrid.hybrid_block import HybridStack, HybridStackSubmodules
+    from megatron.core.models.hybrid import hybrid_layer_specs
     from megatron.core.process_groups_config import ProcessGroupCollection
-    from megatron.core.ssm.mlp_layer import MLPLayer
-    from megatron.core.transformer.identity_op import IdentityFuncOp, IdentityOp
-    from megatron.core.transformer.spec_utils import ModuleSpec
-    from megatron.core.transformer.torch_norm import WrappedTorchNorm
     from megatron.training.models.hybrid import HybridModelBuilder
 
     from mhc_megatron.mcore.attention import SDPACoreAttention
-    from mhc_megatron.mcore.specs import with_core_attention
+    from mhc_megatron.mcore.hybrid import local_hybrid_stack_spec, portable_hybrid_final_norm
     from mhc_megatron.training.launcher import install_hooks
 
     init_megatron(rank, world_size, port)
-    hybrid_block.TENorm = WrappedTorchNorm  # test-only: the stack's final norm is TE's
     install_hooks()
     import megatron.training.argument_utils as argument_utils
     from megatron.training.arguments import parse_and_validate_args
@@ -123,18 +114,10 @@ def hybrid_from_cli(rank, world_size, port, extra_args):
     sys.argv = ["mhc-pretrain-gpt", *TINY_GPT_ARGS, "--num-layers", "4", "--hybrid-layer-pattern", "*-*-",
                 "--position-embedding-type", "none", *extra_args]
     args = parse_and_validate_args()
-    layer = with_core_attention(get_gpt_layer_local_spec(normalization="RMSNorm"), SDPACoreAttention)
-    sub = layer.submodules
-    stack = ModuleSpec(module=HybridStack, submodules=HybridStackSubmodules(
-        attention_layer=dataclasses.replace(layer, submodules=dataclasses.replace(
-            sub, pre_mlp_layernorm=IdentityOp, mlp=IdentityOp, mlp_bda=IdentityFuncOp)),
-        mlp_layer=ModuleSpec(module=MLPLayer, submodules=dataclasses.replace(
-            sub, input_layernorm=IdentityOp, self_attention=IdentityOp, self_attn_bda=IdentityFuncOp))))
-    from megatron.core.models.hybrid import hybrid_layer_specs
-
-    hybrid_layer_specs.hybrid_stack_spec = stack  # test-only: the default stack is TE's
+    hybrid_layer_specs.hybrid_stack_spec = local_hybrid_stack_spec(SDPACoreAttention)  # test-only: default is TE's
     model_cfg = argument_utils.hybrid_config_from_args(args)  # the launcher's hook
-    model = HybridModelBuilder(model_cfg).build_model(ProcessGroupCollection.use_mpu_process_groups())
+    with portable_hybrid_final_norm():
+        model = HybridModelBuilder(model_cfg).build_model(ProcessGroupCollection.use_mpu_process_groups())
     tokens, positions, labels = make_batch()
     loss = model(tokens, positions, torch.triu(torch.ones(1, 1, 16, 16, dtype=torch.bool), 1), labels=labels).float().mean()
     loss.backward()

@@ -38,3 +38,17 @@ def test_demo_rejects_bad_options(capsys):
     assert "--hidden 30 must be divisible by --heads 4" in capsys.readouterr().err
     assert main(["demo", "--modes", "residual,bogus"]) == 2
     assert "residual mode must be one of" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_demo_hybrid_model(tmp_path):
+    out = tmp_path / "demo"
+    cmd = [sys.executable, "-m", "mhc_megatron.cli", "demo", "--model", "hybrid", "--modes", "residual,mhc",
+           "--steps", "8", "--layers", "2", "--hidden", "32", "--seq-len", "32", "--batch-size", "4",
+           "--eval-every", "4", "--no-progress", "--device", "cpu", "--out", str(out)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "HybridModel" in proc.stdout
+    results = json.loads((out / "results.json").read_text())
+    assert len(results["mhc"]["gains"]["single_forward_gain"]) == 4  # pattern '*-*-': one sublayer per layer
+    assert abs(results["mhc"]["composite_forward_gain"] - 1.0) < 1e-4

@@ -1,7 +1,5 @@
 """mHC in megatron-core's HybridModel: the pattern '*-*-' computes what the GPT model does."""
 
-import dataclasses
-
 import pytest
 import torch
 
@@ -13,31 +11,19 @@ pytestmark = pytest.mark.usefixtures("megatron_world")
 
 
 @pytest.fixture
-def hybrid_final_norm_on_cpu(monkeypatch):
-    """Test-only: HybridStack's final norm is transformer-engine's, absent here."""
-    from megatron.core.models.hybrid import hybrid_block
-    from megatron.core.transformer.torch_norm import WrappedTorchNorm
+def hybrid_final_norm_on_cpu():
+    """HybridStack's final norm is transformer-engine's; the product's named patch builds it portably."""
+    from mhc_megatron.mcore.hybrid import portable_hybrid_final_norm
 
-    monkeypatch.setattr(hybrid_block, "TENorm", WrappedTorchNorm)
+    with portable_hybrid_final_norm():
+        yield
 
 
 def _local_stack_spec():
-    from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
-    from megatron.core.models.hybrid.hybrid_block import HybridStack, HybridStackSubmodules
-    from megatron.core.ssm.mlp_layer import MLPLayer
-    from megatron.core.transformer.identity_op import IdentityFuncOp, IdentityOp
-    from megatron.core.transformer.spec_utils import ModuleSpec
-
     from mhc_megatron.mcore.attention import SDPACoreAttention
-    from mhc_megatron.mcore.specs import with_core_attention
+    from mhc_megatron.mcore.hybrid import local_hybrid_stack_spec
 
-    layer = with_core_attention(get_gpt_layer_local_spec(normalization="RMSNorm"), SDPACoreAttention)
-    sub = layer.submodules
-    attention = dataclasses.replace(layer, submodules=dataclasses.replace(
-        sub, pre_mlp_layernorm=IdentityOp, mlp=IdentityOp, mlp_bda=IdentityFuncOp))
-    mlp = ModuleSpec(module=MLPLayer, submodules=dataclasses.replace(
-        sub, input_layernorm=IdentityOp, self_attention=IdentityOp, self_attn_bda=IdentityFuncOp))
-    return ModuleSpec(module=HybridStack, submodules=HybridStackSubmodules(attention_layer=attention, mlp_layer=mlp))
+    return local_hybrid_stack_spec(SDPACoreAttention)
 
 
 def _hybrid(settings, pattern="*-*-"):

@@ -34,6 +34,9 @@ def add_parser(sub) -> None:
     p.add_argument("--seed", type=int, default=d.seed, help="random seed (default %(default)s)")
     p.add_argument("--device", default=d.device, choices=("auto", "cpu", "cuda"),
                    help="auto: CUDA if available, else CPU (default %(default)s)")
+    p.add_argument("--model", choices=("gpt", "hybrid"), default=d.model,
+                   help="GPTModel, or the same layers as a HybridModel with the pattern '*-*-...' "
+                   "(no position embedding) (default %(default)s)")
     p.add_argument("--out", default="demo-out", help="output folder (default %(default)s)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(run=run)
@@ -71,6 +74,7 @@ def run(args) -> int:
         eval_every=args.eval_every,
         seed=args.seed,
         device=args.device,
+        model=args.model,
     )
     results = run_demo(cfg, show_progress=not args.no_progress)
     print(format_table(results, cfg, str(cfg.resolve_device())))

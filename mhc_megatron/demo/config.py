@@ -26,6 +26,7 @@ class DemoConfig:
     timing_warmup: int = 10
     seed: int = 0
     device: str = "auto"
+    model: str = "gpt"
 
     def validate(self) -> None:
         from ..mcore.settings import MHCSettings
@@ -35,6 +36,8 @@ class DemoConfig:
                 raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
         if self.hidden % self.heads:
             raise ValueError(f"--hidden {self.hidden} must be divisible by --heads {self.heads}")
+        if self.model not in ("gpt", "hybrid"):
+            raise ValueError(f"--model must be gpt or hybrid, got {self.model!r}")
         if not self.modes:
             raise ValueError("--modes needs at least one of residual, hc, mhc")
         for mode in self.modes:

@@ -42,6 +42,7 @@ def build_demo_model(
     vocab_size: int,
     seed: int,
     device: torch.device,
+    model: str = "gpt",
 ):
     """A small pre-norm GPT (RMSNorm, GELU MLP, learned positions, no dropout).
 
@@ -67,7 +68,26 @@ def build_demo_model(
         persist_layer_norm=False,
     )
     torch.manual_seed(seed)
+    if model == "hybrid":
+        return _build_hybrid(config, settings, vocab_size, seq_len).to(device)
     layer = with_core_attention(get_gpt_layer_local_spec(normalization="RMSNorm"), SDPACoreAttention)
     spec = mhc_block_spec(layer, config, settings)
-    model = GPTModel(config, spec, vocab_size=vocab_size, max_sequence_length=seq_len)
-    return model.to(device)
+    gpt = GPTModel(config, spec, vocab_size=vocab_size, max_sequence_length=seq_len)
+    return gpt.to(device)
+
+
+def _build_hybrid(config, settings: MHCSettings, vocab_size: int, seq_len: int):
+    """The same layers as a ``HybridModel`` with the pattern ``*-*-...`` (one mHC sublayer per
+    layer, no position embedding: HybridModel offers RoPE or none)."""
+    import dataclasses
+
+    from megatron.core.models.hybrid.hybrid_model import HybridModel
+
+    from ..mcore.hybrid import local_hybrid_stack_spec, mhc_hybrid_stack_spec, portable_hybrid_final_norm
+
+    pattern = "*-" * config.num_layers
+    config = dataclasses.replace(config, num_layers=len(pattern))
+    stack = mhc_hybrid_stack_spec(local_hybrid_stack_spec(SDPACoreAttention), settings, pattern)
+    with portable_hybrid_final_norm():
+        return HybridModel(config, stack, vocab_size=vocab_size, max_sequence_length=seq_len,
+                           hybrid_layer_pattern=pattern, position_embedding_type="none")

@@ -31,7 +31,7 @@ def results_json(results: dict[str, ModeResult]) -> dict:
 
 def format_table(results: dict[str, ModeResult], cfg: DemoConfig, device: str) -> str:
     lines = [
-        f"Tiny GPT on Genesis (KJV), {cfg.layers} layers x {cfg.hidden} wide, {cfg.steps} steps of "
+        f"Tiny {'GPT' if cfg.model == 'gpt' else 'HybridModel (*-*-...)'} on Genesis (KJV), {cfg.layers} layers x {cfg.hidden} wide, {cfg.steps} steps of "
         f"{cfg.batch_size}x{cfg.seq_len} bytes, n={cfg.expansion_rate}, device={device}",
         "",
         f"{'mode':<9}{'train loss':>11}{'val loss':>10}{'max |g|':>9}{'comp. gain':>12}"

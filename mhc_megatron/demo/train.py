@@ -76,7 +76,7 @@ def train_mode(mode: str, cfg: DemoConfig, device: torch.device, progress=None) 
     )
     model = build_demo_model(
         settings, layers=cfg.layers, hidden=cfg.hidden, heads=cfg.heads, seq_len=cfg.seq_len,
-        vocab_size=VOCAB_SIZE, seed=cfg.seed, device=device,
+        vocab_size=VOCAB_SIZE, seed=cfg.seed, device=device, model=cfg.model,
     )
     decay = [p for n, p in model.named_parameters() if p.dim() >= 2]
     no_decay = [p for n, p in model.named_parameters() if p.dim() < 2]

@@ -13,8 +13,10 @@ Layer families mHC cannot wrap (Mamba ``M``, GatedDeltaNet ``G``, DSA ``D``) are
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
+import logging
 
 from megatron.core.transformer.identity_op import IdentityOp
 from megatron.core.transformer.spec_utils import ModuleSpec, build_module
@@ -98,3 +100,47 @@ def hybrid_layer_spec(layer_spec: ModuleSpec, settings: MHCSettings, kind: str, 
         sharded_state_dict_keys_map=_remap_norm_keys(sub.sharded_state_dict_keys_map),
     )
     return dataclasses.replace(layer_spec, submodules=new_sub)
+
+
+def local_hybrid_stack_spec(core_attention=None, normalization: str = "RMSNorm") -> ModuleSpec:
+    """A transformer-engine-free ``HybridStack`` spec with attention (``*``) and MLP (``-``) layers,
+    made from megatron-core's local GPT layer spec (``core_attention``: e.g. ``SDPACoreAttention``)."""
+    from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
+    from megatron.core.models.hybrid.hybrid_block import HybridStack, HybridStackSubmodules
+    from megatron.core.ssm.mlp_layer import MLPLayer
+    from megatron.core.transformer.identity_op import IdentityFuncOp
+
+    from .specs import with_core_attention
+
+    layer = get_gpt_layer_local_spec(normalization=normalization)
+    if core_attention is not None:
+        layer = with_core_attention(layer, core_attention)
+    sub = layer.submodules
+    attention = dataclasses.replace(layer, submodules=dataclasses.replace(
+        sub, pre_mlp_layernorm=IdentityOp, mlp=IdentityOp, mlp_bda=IdentityFuncOp))
+    mlp = ModuleSpec(module=MLPLayer, submodules=dataclasses.replace(
+        sub, input_layernorm=IdentityOp, self_attention=IdentityOp, self_attn_bda=IdentityFuncOp))
+    return ModuleSpec(module=HybridStack, submodules=HybridStackSubmodules(attention_layer=attention, mlp_layer=mlp))
+
+
+@contextlib.contextmanager
+def portable_hybrid_final_norm():
+    """Patch (named ``hybrid-final-norm``, listed in docs/megatron.md): ``HybridStack`` builds its
+    final norm with transformer-engine's ``TENorm`` unconditionally. Without transformer-engine,
+    while a model is built inside this block, that norm is megatron-core's torch norm of the
+    same kind (``WrappedTorchNorm``); with transformer-engine nothing changes."""
+    from megatron.core.extensions import transformer_engine
+    from megatron.core.models.hybrid import hybrid_block
+
+    if transformer_engine.HAVE_TE:
+        yield
+        return
+    from megatron.core.transformer.torch_norm import WrappedTorchNorm
+
+    logging.getLogger(__name__).info("transformer-engine is not installed: HybridStack's final norm uses torch's")
+    original = hybrid_block.TENorm
+    hybrid_block.TENorm = WrappedTorchNorm
+    try:
+        yield
+    finally:
+        hybrid_block.TENorm = original
