@@ -179,3 +179,49 @@ def dualpipev(rank, world_size, port, mode, state_path, layers, microbatches, re
     result = _chunk_results(chunks, offsets, losses)
     result["executed"] = [str(op) for op in runner.executed]
     return result
+
+
+def _hybrid_model(cfg, mode, pattern, **kwargs):
+    from megatron.core.models.hybrid.hybrid_model import HybridModel
+
+    from mhc_megatron.mcore.attention import SDPACoreAttention
+    from mhc_megatron.mcore.hybrid import local_hybrid_stack_spec, mhc_hybrid_stack_spec, portable_hybrid_final_norm
+
+    stack = mhc_hybrid_stack_spec(local_hybrid_stack_spec(SDPACoreAttention), _settings(mode), pattern)
+    with portable_hybrid_final_norm():
+        return HybridModel(cfg, stack, vocab_size=VOCAB, max_sequence_length=SEQ, hybrid_layer_pattern=pattern,
+                           position_embedding_type="none", share_embeddings_and_output_weights=False, **kwargs)
+
+
+def hybrid_reference(rank, world_size, port, mode, state_path):
+    init_megatron(rank, world_size, port)
+    torch.manual_seed(5)
+    model = _hybrid_model(tiny_config(num_layers=4), mode, "*-*-")
+    torch.save(model.state_dict(), state_path)
+    losses = []
+    for tokens, positions, labels in _batches():
+        loss = model(tokens, positions, None, labels=labels).float().mean() / MICROBATCHES
+        loss.backward()
+        losses.append(loss.item() * MICROBATCHES)
+    return {"losses": losses, "grads": {n: p.grad.clone() for n, p in model.named_parameters()}}
+
+
+def hybrid_pipeline(rank, world_size, port, mode, state_path):
+    """HybridModel with the pattern's two pipeline segments under Megatron's 1F1B."""
+    from megatron.core.pipeline_parallel import get_forward_backward_func
+
+    init_megatron(rank, world_size, port, pp=world_size)
+    _cpu_schedules()
+    cfg = tiny_config(num_layers=4, pipeline_model_parallel_size=world_size, pipeline_dtype=torch.float32,
+                      **CONFIG_OVERRIDES)
+    configure_pipeline(cfg, _settings(mode))
+    model = _hybrid_model(cfg, mode, "*-|*-", pre_process=rank == 0, post_process=rank == world_size - 1)
+    offset = model.decoder.layers[0].layer_number - 1
+    full = torch.load(state_path)
+    model.load_state_dict({k: full[_global_name(k, offset)] for k in model.state_dict()})
+    losses = get_forward_backward_func()(
+        forward_step_func=_forward_step, data_iterator=iter(_batches()), model=[model],
+        num_microbatches=MICROBATCHES, seq_length=SEQ, micro_batch_size=BATCH,
+    )
+    grads = {_global_name(n, offset): p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    return {"losses": [float(d["lm loss"]) for d in losses], "grads": grads}

@@ -1,5 +1,7 @@
 """mHC in megatron-core's HybridModel: the pattern '*-*-' computes what the GPT model does."""
 
+import dataclasses
+
 import pytest
 import torch
 
@@ -95,3 +97,29 @@ def test_pipeline_bars_are_layers_of_one_stack(hybrid_final_norm_on_cpu):
     assert model.decoder.layers[0].input_layernorm.expand_input
     assert model.decoder.layers[-1].mlp_bda.contraction == "mean"
     assert model.decoder.layers[1].mlp_bda.contraction is None
+
+
+def test_moe_layers_of_a_pattern_are_mhc_sublayers(hybrid_final_norm_on_cpu):
+    from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
+    from megatron.core.models.hybrid.hybrid_model import HybridModel
+    from megatron.core.transformer.identity_op import IdentityFuncOp, IdentityOp
+    from megatron.core.transformer.spec_utils import ModuleSpec
+    from megatron.core.transformer.transformer_layer import MoETransformerLayer
+
+    moe_full = get_gpt_layer_local_spec(num_experts=4, normalization="RMSNorm")
+    moe = ModuleSpec(module=MoETransformerLayer, submodules=dataclasses.replace(
+        moe_full.submodules, input_layernorm=IdentityOp, self_attention=IdentityOp, self_attn_bda=IdentityFuncOp))
+    stack = _local_stack_spec()
+    stack = dataclasses.replace(stack, submodules=dataclasses.replace(stack.submodules, moe_layer=moe))
+    cfg = tiny_config(num_layers=4, num_moe_experts=4, moe_router_topk=2, moe_ffn_hidden_size=32,
+                      moe_token_dispatcher_type="allgather", moe_aux_loss_coeff=0.0, add_bias_linear=False)
+    pattern = "*E*-"
+    torch.manual_seed(0)
+    model = HybridModel(cfg, mhc_hybrid_stack_spec(stack, MHCSettings(mode="mhc"), pattern), vocab_size=VOCAB,
+                        max_sequence_length=SEQ, hybrid_layer_pattern=pattern, position_embedding_type="none")
+    assert type(model.decoder.layers[1].mlp).__name__ == "MoELayer"
+    tokens, positions, labels = make_batch(seed=2)
+    loss = model(tokens, positions, None, labels=labels).float().mean()
+    loss.backward()
+    assert torch.isfinite(loss)
+    assert model.decoder.layers[1].pre_mlp_layernorm.coefficients.phi.grad.abs().sum() > 0

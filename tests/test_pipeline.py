@@ -41,3 +41,19 @@ def test_recompute_blocks_stay_inside_stages_under_pp2(tmp_path):
         grads.update(r["grads"])
     for name, g in ref["grads"].items():
         torch.testing.assert_close(grads[name], g, rtol=1e-4, atol=1e-6, msg=name)
+
+
+@pytest.mark.parametrize("mode", ["mhc", "residual"])
+def test_hybrid_pipeline_segments_carry_the_streams(tmp_path, mode):
+    from pipeline_workers import hybrid_pipeline, hybrid_reference
+
+    state = str(tmp_path / "ref.pt")
+    (ref,) = run_distributed(hybrid_reference, 1, mode, state)
+    ranks = run_distributed(hybrid_pipeline, 2, mode, state)
+    assert ranks[-1]["losses"] == pytest.approx(ref["losses"], rel=1e-5)
+    grads = {}
+    for r in ranks:
+        grads.update(r["grads"])
+    assert grads.keys() == ref["grads"].keys()
+    for name, g in ref["grads"].items():
+        torch.testing.assert_close(grads[name], g, rtol=1e-4, atol=1e-6, msg=name)
