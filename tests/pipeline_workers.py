@@ -25,6 +25,17 @@ def _batches(count=MICROBATCHES):
     return [make_batch(seed=100 + i) for i in range(count)]
 
 
+def assert_gradients_match(ref: dict, ranks: list[dict]) -> None:
+    """Every parameter gradient of the pipelined run (gathered from its ranks under global layer
+    names) equals the single-process one."""
+    grads = {}
+    for r in ranks:
+        grads.update(r["grads"])
+    assert grads.keys() == ref["grads"].keys()
+    for name, g in ref["grads"].items():
+        torch.testing.assert_close(grads[name], g, rtol=1e-4, atol=1e-6, msg=name)
+
+
 def _cpu_schedules() -> None:
     """Test-only: Megatron's schedules create their token counter with device="cuda"."""
     from megatron.core.pipeline_parallel import schedules

@@ -2,30 +2,19 @@
 model (gloo, 2 and 4 ranks), executed order equal to the simulator's, bad layouts refused."""
 
 import pytest
-import torch
 
 from mcore_helpers import run_distributed
-from pipeline_workers import dualpipev, reference
+from pipeline_workers import assert_gradients_match, dualpipev, reference
 
 from mhc_megatron.pipeline.simulator import simulate
 
 pytestmark = pytest.mark.slow
 
 
-def _merged_grads(ranks):
-    grads = {}
-    for r in ranks:
-        grads.update(r["grads"])
-    return grads
-
-
 def _assert_matches(ref, ranks):
     assert ranks[0]["losses"] == pytest.approx(ref["losses"], rel=1e-5)  # the loss lives on rank 0
     assert all(not r["losses"] for r in ranks[1:])
-    grads = _merged_grads(ranks)
-    assert grads.keys() == ref["grads"].keys()
-    for name, g in ref["grads"].items():
-        torch.testing.assert_close(grads[name], g, rtol=1e-4, atol=1e-6, msg=name)
+    assert_gradients_match(ref, ranks)
 
 
 @pytest.mark.parametrize(

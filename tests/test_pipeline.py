@@ -2,10 +2,9 @@
 virtual stages, against the single-process model (gloo, several processes)."""
 
 import pytest
-import torch
 
 from mcore_helpers import run_distributed
-from pipeline_workers import megatron_pipeline, reference
+from pipeline_workers import assert_gradients_match, megatron_pipeline, reference
 
 pytestmark = pytest.mark.slow
 
@@ -21,12 +20,7 @@ def test_megatron_schedules_match_single_process(tmp_path, pp, vpp, mode):
     ranks = run_distributed(megatron_pipeline, pp, mode, state, vpp)
     last = ranks[-1]
     assert last["losses"] == pytest.approx(ref["losses"], rel=1e-5)
-    grads = {}
-    for r in ranks:
-        grads.update(r["grads"])
-    assert grads.keys() == ref["grads"].keys()
-    for name, g in ref["grads"].items():
-        torch.testing.assert_close(grads[name], g, rtol=1e-4, atol=1e-6, msg=name)
+    assert_gradients_match(ref, ranks)
 
 
 def test_recompute_blocks_stay_inside_stages_under_pp2(tmp_path):
@@ -36,11 +30,7 @@ def test_recompute_blocks_stay_inside_stages_under_pp2(tmp_path):
     for r in ranks:
         lo, hi = min(r["sublayers"]), max(r["sublayers"])
         assert r["blocks"] and all(lo <= first and first + size - 1 <= hi for first, size in r["blocks"])
-    grads = {}
-    for r in ranks:
-        grads.update(r["grads"])
-    for name, g in ref["grads"].items():
-        torch.testing.assert_close(grads[name], g, rtol=1e-4, atol=1e-6, msg=name)
+    assert_gradients_match(ref, ranks)
 
 
 @pytest.mark.parametrize("mode", ["mhc", "residual"])
@@ -51,9 +41,4 @@ def test_hybrid_pipeline_segments_carry_the_streams(tmp_path, mode):
     (ref,) = run_distributed(hybrid_reference, 1, mode, state)
     ranks = run_distributed(hybrid_pipeline, 2, mode, state)
     assert ranks[-1]["losses"] == pytest.approx(ref["losses"], rel=1e-5)
-    grads = {}
-    for r in ranks:
-        grads.update(r["grads"])
-    assert grads.keys() == ref["grads"].keys()
-    for name, g in ref["grads"].items():
-        torch.testing.assert_close(grads[name], g, rtol=1e-4, atol=1e-6, msg=name)
+    assert_gradients_match(ref, ranks)

@@ -60,11 +60,9 @@ class ProfileConfig:
             raise ValueError(f"unknown mode(s) {', '.join(bad)}; choose from {', '.join(RESIDUAL_MODES)}")
 
     def resolve_device(self) -> torch.device:
-        if self.device == "auto":
-            return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-        if self.device == "cuda" and not torch.cuda.is_available():
-            raise ValueError("--device cuda but torch sees no GPU; use --device cpu or auto")
-        return torch.device(self.device)
+        from ..demo.config import resolve_device
+
+        return resolve_device(self.device)
 
 
 @dataclass
@@ -151,11 +149,13 @@ def split_profile(events, profiled_seconds: float, step_seconds: float, on_gpu: 
 
     ranges = [e for e in events if e.name.startswith(REGION_PREFIX) and not _inside_backward(e)]
     fwd = sum(_event_time(e, on_gpu) for e in ranges)
-    inside = set()
-    for r in ranges:
-        start, end = r.time_range.start, r.time_range.end
-        inside.update(e.sequence_nr for e in events
-                      if e.sequence_nr >= 0 and e.thread == r.thread and start <= e.time_range.start <= end)
+    inside = set()  # sequence numbers of the ops run inside the ranges: their backward nodes share them
+    stack = [child for r in ranges for child in r.cpu_children]
+    while stack:
+        e = stack.pop()
+        if e.sequence_nr >= 0:
+            inside.add(e.sequence_nr)
+        stack.extend(e.cpu_children)
     bwd = sum(_event_time(e, on_gpu) for e in events
               if e.name.startswith("autograd::engine::evaluate_function") and e.sequence_nr in inside
               and not _inside_backward(e))

@@ -158,23 +158,12 @@ def count_parameters(model, cfg: LaunchConfig) -> ParameterCounts:
     return ParameterCounts(total, active, expert, mhc, {k: tuple(v) for k, v in per_layer.items()}, embedding, output)
 
 
-def _layer_activation_bytes(cfg: LaunchConfig, layout: Layout, layer: int, tokens: int) -> float:
+def _layer_activation_bytes(cfg: LaunchConfig, layout: Layout, moe: bool, tokens: int) -> float:
     h = cfg.get("hidden_size")
-    moe = _is_moe_layer(cfg, layer)
     f = (cfg.get("moe_router_topk", 2) * cfg.get("moe_ffn_hidden_size", cfg.get("ffn_hidden_size", 4 * h))
          + cfg.get("moe_shared_expert_intermediate_size", 0)) if moe else cfg.get("ffn_hidden_size", 4 * h)
     split = layout.tp if cfg.get("sequence_parallel") or layout.tp == 1 else 1
     return tokens * h * (18 + 4 * f / h) / split
-
-
-def _is_moe_layer(cfg: LaunchConfig, layer: int) -> bool:
-    if not cfg.get("num_experts"):
-        return False
-    freq = cfg.get("moe_layer_freq", 1)
-    if isinstance(freq, str):
-        pattern = eval(freq, {"__builtins__": {}})  # Megatron's own format, e.g. "([0]+[1]*29)"
-        return bool(pattern[layer])
-    return layer % freq == 0
 
 
 def estimate(cfg: LaunchConfig, *, mfu: float = 0.35, peak_tflops: float = 989.0) -> dict:
@@ -218,7 +207,9 @@ def estimate(cfg: LaunchConfig, *, mfu: float = 0.35, peak_tflops: float = 989.0
         chunk_bytes = []
         for s in stages:
             chunk_layers = range(s * layout.layers_per_chunk, (s + 1) * layout.layers_per_chunk)
-            base = sum(_layer_activation_bytes(cfg, layout, layer, tokens) for layer in chunk_layers)
+            # a layer is MoE when the built model gave it routed-expert parameters
+            base = sum(_layer_activation_bytes(cfg, layout, counts.per_layer[layer][1] > 0, tokens)
+                       for layer in chunk_layers)
             extra = 0
             if mode != "residual":
                 block = resolve_block_size(cfg.get("mhc_recompute_block_size", "auto"), sublayers, n) if recompute else None

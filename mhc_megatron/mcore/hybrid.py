@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import functools
 import logging
 
 from megatron.core.transformer.identity_op import IdentityOp
@@ -23,8 +22,7 @@ from megatron.core.transformer.spec_utils import ModuleSpec, build_module
 from megatron.core.transformer.transformer_layer import TransformerLayerSubmodules
 
 from .settings import MHCSettings
-from .specs import _coefficients_spec, _remap_norm_keys
-from .sublayer import MHCSublayerInput, MHCSublayerOutput
+from .specs import _remap_norm_keys, sublayer_input_spec, sublayer_output_spec
 
 WRAPPED_SLOTS = {"attention_layer": "attention", "mla_layer": "attention", "mlp_layer": "mlp", "moe_layer": "mlp"}
 REFUSED_SYMBOLS = {"M": "Mamba", "G": "GatedDeltaNet", "D": "DSA attention"}
@@ -86,15 +84,8 @@ def hybrid_layer_spec(layer_spec: ModuleSpec, settings: MHCSettings, kind: str, 
         raise ValueError(
             f"a hybrid {kind} layer spec must hold one sublayer; its {other} is {getattr(sub, other)!r}"
         )
-    norm_input = functools.partial(
-        MHCSublayerInput, norm=getattr(sub, norm_slot), coefficients=_coefficients_spec(settings, index),
-        settings=settings, expand_input=index == 0,
-    )
-    output = ModuleSpec(
-        module=MHCSublayerOutput,
-        params={"settings": settings, "contract": index == num_layers - 1,
-                "high_priority_stream": settings.post_res_stream and kind == "mlp"},
-    )
+    norm_input = sublayer_input_spec(getattr(sub, norm_slot), settings, index, index == 0)
+    output = sublayer_output_spec(settings, mlp=kind == "mlp", contract=index == num_layers - 1)
     new_sub = dataclasses.replace(
         sub, **{norm_slot: norm_input, bda_slot: output},
         sharded_state_dict_keys_map=_remap_norm_keys(sub.sharded_state_dict_keys_map),

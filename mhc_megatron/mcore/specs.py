@@ -57,6 +57,30 @@ def _remap_norm_keys(keys_map: dict[str, str]) -> dict[str, str]:
     return {fix(k): fix(v) for k, v in keys_map.items()}
 
 
+def sublayer_input_spec(norm, settings: MHCSettings, sublayer_index: int, expand: bool, block=None):
+    """The norm slot of mHC sublayer ``sublayer_index`` (``expand``: the model's first sublayer;
+    ``block``: its (recompute block, position) or ``None``)."""
+    block, position = block or (None, 0)
+    return functools.partial(
+        MHCSublayerInput,
+        norm=norm,
+        coefficients=_coefficients_spec(settings, sublayer_index),
+        settings=settings,
+        expand_input=expand,
+        recompute=block,
+        position=position,
+    )
+
+
+def sublayer_output_spec(settings: MHCSettings, *, mlp: bool = False, contract: bool = False) -> ModuleSpec:
+    """The bias-dropout-add slot of an mHC sublayer: the MLP's may run on the high-priority stream;
+    ``contract``: the model's last sublayer where the final norm is not a spec slot."""
+    return ModuleSpec(
+        module=MHCSublayerOutput,
+        params={"settings": settings, "high_priority_stream": mlp and settings.post_res_stream, "contract": contract},
+    )
+
+
 def mhc_layer_spec(
     layer_spec: ModuleSpec,
     settings: MHCSettings,
@@ -78,28 +102,13 @@ def mhc_layer_spec(
             f"{type(sub).__name__}; for HybridModel stacks use mhc_megatron.mcore.hybrid.mhc_hybrid_stack_spec"
         )
 
-    def sublayer_input(norm, sublayer_index: int, expand: bool, block=None):
-        block, position = block or (None, 0)
-        return functools.partial(
-            MHCSublayerInput,
-            norm=norm,
-            coefficients=_coefficients_spec(settings, sublayer_index),
-            settings=settings,
-            expand_input=expand,
-            recompute=block,
-            position=position,
-        )
-
     attn_block, mlp_block = recompute or (None, None)
     new_sub = dataclasses.replace(
         sub,
-        input_layernorm=sublayer_input(sub.input_layernorm, 2 * layer_index, layer_index == 0, attn_block),
-        self_attn_bda=ModuleSpec(module=MHCSublayerOutput, params={"settings": settings}),
-        pre_mlp_layernorm=sublayer_input(sub.pre_mlp_layernorm, 2 * layer_index + 1, False, mlp_block),
-        mlp_bda=ModuleSpec(
-            module=MHCSublayerOutput,
-            params={"settings": settings, "high_priority_stream": settings.post_res_stream},
-        ),
+        input_layernorm=sublayer_input_spec(sub.input_layernorm, settings, 2 * layer_index, layer_index == 0, attn_block),
+        self_attn_bda=sublayer_output_spec(settings),
+        pre_mlp_layernorm=sublayer_input_spec(sub.pre_mlp_layernorm, settings, 2 * layer_index + 1, False, mlp_block),
+        mlp_bda=sublayer_output_spec(settings, mlp=True),
         sharded_state_dict_keys_map=_remap_norm_keys(sub.sharded_state_dict_keys_map),
     )
     return dataclasses.replace(layer_spec, submodules=new_sub)
