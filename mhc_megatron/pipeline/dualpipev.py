@@ -22,6 +22,7 @@ layers ``B`` computes weight gradients too and ``W`` is empty, which the schedul
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import copy
 import logging
@@ -189,7 +190,7 @@ class DualPipeV:
         Returns the loss records of the last stage (on pipeline rank 0), as Megatron's
         schedules do, and keeps the executed op order in ``self.executed``.
         """
-        iterators = data_iterator if isinstance(data_iterator, (list, tuple)) else [data_iterator] * 2
+        iterators = chunk_iterators(data_iterator)
         if forward_only:
             ops = [Op("F", s, m) for s in self.place.stages_of(self.rank) for m in range(num_microbatches)]
         else:
@@ -360,6 +361,44 @@ class DualPipeV:
                 dist.broadcast(tokens, src=self.peers[0], group=self.pp_group)
             kwargs = {k: v for k, v in finalize_kwargs.items() if v is not None}
             self.config.finalize_model_grads_func(self.chunks, tokens, **kwargs)
+
+
+class _SharedMicrobatches:
+    """One data iterator read by both chunks of rank 0: chunk 0 (the embedding) draws micro-batch
+    i and keeps it until chunk 1 (the loss) asks for micro-batch i, so tokens and labels come from
+    the same draw. Chunk 0's forward of a micro-batch always runs before chunk 1's."""
+
+    def __init__(self, source):
+        self.source = source
+        self.pending: collections.deque = collections.deque()
+
+    def way_down(self):
+        while True:
+            try:
+                batch = next(self.source)
+            except StopIteration:
+                return
+            self.pending.append(batch)
+            yield batch
+
+    def way_up(self):
+        while True:
+            if not self.pending:
+                raise RuntimeError("DualPipeV: the loss chunk asked for a micro-batch the embedding chunk has not read")
+            yield self.pending.popleft()
+
+
+def chunk_iterators(data_iterator) -> list:
+    """The data iterator of each chunk: Megatron's list (one iterator per chunk, each over the same
+    micro-batches) as it is, or one shared iterator split so both chunks see the same draws."""
+    if isinstance(data_iterator, (list, tuple)):
+        if len(data_iterator) != 2:
+            raise ValueError(f"DualPipeV takes one data iterator or one per chunk (2), got {len(data_iterator)}")
+        return list(data_iterator)
+    if data_iterator is None:
+        return [None, None]
+    shared = _SharedMicrobatches(data_iterator)
+    return [shared.way_down(), shared.way_up()]
 
 
 def stage_tensor_shape(config, seq_length: int, micro_batch_size: int, expansion_rate: int | None = None) -> tuple:

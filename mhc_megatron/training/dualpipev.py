@@ -7,8 +7,8 @@ Three hooks, all through public seams of megatron.training:
 - ``megatron.training.training.get_forward_backward_func`` returns
   :func:`forward_backward_dualpipev`, which runs the schedule and hands the loss records to the
   last pipeline rank, where Megatron's training loop reads and logs them;
-- the built-in entry's batch loader (:mod:`.gpt_entry`) asks :func:`holds_batch` which chunks
-  need data: both chunks of pipeline rank 0 (the embedding and the loss), nothing elsewhere.
+- the built-in entry's batch loader (:mod:`.gpt_entry`) asks :func:`stage_ends` what each chunk
+  reads: chunk 0 of pipeline rank 0 the tokens, its chunk 1 the labels, nothing elsewhere.
 """
 
 from __future__ import annotations
@@ -72,9 +72,12 @@ def install_schedule() -> None:
     training.get_forward_backward_func = lambda *args, **kwargs: forward_backward_dualpipev
 
 
-def holds_batch(vp_stage) -> bool:
-    """Whether this rank's chunk ``vp_stage`` reads micro-batches (both ends of the V are on rank 0)."""
-    return parallel_state.get_pipeline_model_parallel_rank() == 0
+def stage_ends(vp_stage) -> tuple[bool, bool]:
+    """(first stage, last stage) for this rank's chunk ``vp_stage``: both ends of the V are on
+    pipeline rank 0, chunk 0 the embedding, chunk 1 the loss."""
+    place = chunk_placements(parallel_state.get_pipeline_model_parallel_rank(),
+                             parallel_state.get_pipeline_model_parallel_world_size())[vp_stage]
+    return place.pre_process, place.post_process
 
 
 def forward_backward_dualpipev(

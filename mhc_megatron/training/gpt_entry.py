@@ -88,13 +88,21 @@ def _dualpipev() -> bool:
 def _holds_batch(vp_stage) -> bool:
     """Whether this chunk reads micro-batches: the first and last stage (both on pipeline rank 0
     under DualPipeV)."""
+    return any(_stage_ends(vp_stage))
+
+
+def _stage_ends(vp_stage) -> tuple[bool, bool]:
+    """(first stage, last stage) of this rank's chunk ``vp_stage``: what it reads of a batch (the
+    tokens, the labels)."""
+    from megatron.core import mpu
+
     if _dualpipev():
-        from .dualpipev import holds_batch
+        from .dualpipev import stage_ends
 
-        return holds_batch(vp_stage)
-    from megatron.training.utils import is_first_or_last_pipeline_stage
-
-    return is_first_or_last_pipeline_stage(vp_stage)
+        return stage_ends(vp_stage)
+    ignore_virtual = vp_stage is None
+    return (mpu.is_pipeline_first_stage(ignore_virtual=ignore_virtual, vp_stage=vp_stage),
+            mpu.is_pipeline_last_stage(ignore_virtual=ignore_virtual, vp_stage=vp_stage))
 
 
 def get_batch(data_iterator, vp_stage=None):
@@ -104,9 +112,9 @@ def get_batch(data_iterator, vp_stage=None):
     from megatron.training import get_args
 
     args = get_args()
-    if not _holds_batch(vp_stage):
+    first, last = _stage_ends(vp_stage)
+    if not (first or last):
         return {key: None for key in _BATCH_KEYS}
-    both_ends = _dualpipev()  # rank 0 holds the first and the last stage
     tp_rank = mpu.get_tensor_model_parallel_rank()
     batch = {}
     if tp_rank == 0:
@@ -125,8 +133,8 @@ def get_batch(data_iterator, vp_stage=None):
         seq_length=args.seq_length,
         mtp_on_this_rank=False,
         pipeline_model_parallel_size=args.pipeline_model_parallel_size,
-        is_pipeline_first_stage=both_ends or mpu.is_pipeline_first_stage(),
-        is_pipeline_last_stage=both_ends or mpu.is_pipeline_last_stage(),
+        is_pipeline_first_stage=first,
+        is_pipeline_last_stage=last,
     )
     return get_batch_on_this_cp_rank(batch, is_hybrid_cp=False, cp_group=mpu.get_context_parallel_group())
 
