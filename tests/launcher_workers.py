@@ -63,8 +63,9 @@ def dualpipev_from_cli(rank, world_size, port, extra_args):
     from megatron.training.arguments import parse_and_validate_args
 
     argv = [*TINY_GPT_ARGS, "--num-layers", "4", "--pipeline-model-parallel-size", str(world_size),
-            "--pipeline-schedule", "dualpipev", "--untie-embeddings-and-output-weights", *extra_args]
-    sys.argv = ["mhc-pretrain-gpt", *apply_schedule_defaults(argv, None)]
+            "--pipeline-schedule", "dualpipev", "--untie-embeddings-and-output-weights",
+            "--global-batch-size", str(4 * world_size), *extra_args]
+    sys.argv = ["mhc-pretrain-gpt", *apply_schedule_defaults(argv)]
     args = parse_and_validate_args()
     model_cfg = gpt_config_from_args(args)
     pgc = ProcessGroupCollection.use_mpu_process_groups()
@@ -103,7 +104,7 @@ def hybrid_from_cli(rank, world_size, port, extra_args):
     from megatron.training.models.hybrid import HybridModelBuilder
 
     from mhc_megatron.mcore.attention import SDPACoreAttention
-    from mhc_megatron.mcore.hybrid import local_hybrid_stack_spec, portable_hybrid_final_norm
+    from mhc_megatron.mcore.hybrid import local_hybrid_stack_spec
     from mhc_megatron.training.launcher import install_hooks
 
     init_megatron(rank, world_size, port)
@@ -116,8 +117,7 @@ def hybrid_from_cli(rank, world_size, port, extra_args):
     args = parse_and_validate_args()
     hybrid_layer_specs.hybrid_stack_spec = local_hybrid_stack_spec(SDPACoreAttention)  # test-only: default is TE's
     model_cfg = argument_utils.hybrid_config_from_args(args)  # the launcher's hook
-    with portable_hybrid_final_norm():
-        model = HybridModelBuilder(model_cfg).build_model(ProcessGroupCollection.use_mpu_process_groups())
+    model = HybridModelBuilder(model_cfg).build_model(ProcessGroupCollection.use_mpu_process_groups())
     tokens, positions, labels = make_batch()
     loss = model(tokens, positions, torch.triu(torch.ones(1, 1, 16, 16, dtype=torch.bool), 1), labels=labels).float().mean()
     loss.backward()

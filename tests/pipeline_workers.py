@@ -196,12 +196,11 @@ def _hybrid_model(cfg, mode, pattern, **kwargs):
     from megatron.core.models.hybrid.hybrid_model import HybridModel
 
     from mhc_megatron.mcore.attention import SDPACoreAttention
-    from mhc_megatron.mcore.hybrid import local_hybrid_stack_spec, mhc_hybrid_stack_spec, portable_hybrid_final_norm
+    from mhc_megatron.mcore.hybrid import local_hybrid_stack_spec, mhc_hybrid_stack_spec
 
     stack = mhc_hybrid_stack_spec(local_hybrid_stack_spec(SDPACoreAttention), _settings(mode), pattern)
-    with portable_hybrid_final_norm():
-        return HybridModel(cfg, stack, vocab_size=VOCAB, max_sequence_length=SEQ, hybrid_layer_pattern=pattern,
-                           position_embedding_type="none", share_embeddings_and_output_weights=False, **kwargs)
+    return HybridModel(cfg, stack, vocab_size=VOCAB, max_sequence_length=SEQ, hybrid_layer_pattern=pattern,
+                       position_embedding_type="none", share_embeddings_and_output_weights=False, **kwargs)
 
 
 def hybrid_reference(rank, world_size, port, mode, state_path):

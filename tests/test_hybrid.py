@@ -12,15 +12,6 @@ from mhc_megatron.mcore.hybrid import mhc_hybrid_stack_spec
 pytestmark = pytest.mark.usefixtures("megatron_world")
 
 
-@pytest.fixture
-def hybrid_final_norm_on_cpu():
-    """HybridStack's final norm is transformer-engine's; the product's named patch builds it portably."""
-    from mhc_megatron.mcore.hybrid import portable_hybrid_final_norm
-
-    with portable_hybrid_final_norm():
-        yield
-
-
 def _local_stack_spec():
     from mhc_megatron.mcore.attention import SDPACoreAttention
     from mhc_megatron.mcore.hybrid import local_hybrid_stack_spec
@@ -58,7 +49,7 @@ def _gpt_name_in_hybrid(name: str) -> str:
 
 
 @pytest.mark.parametrize("mode", ["mhc", "hc", "residual"])
-def test_hybrid_pattern_computes_what_the_gpt_model_does(hybrid_final_norm_on_cpu, mode):
+def test_hybrid_pattern_computes_what_the_gpt_model_does(mode):
     settings = MHCSettings(mode=mode, expansion_rate=4, res_init_diag=2.0)
     torch.manual_seed(0)
     gpt = _gpt(settings)
@@ -89,7 +80,7 @@ def test_layers_mhc_cannot_wrap_are_refused():
         mhc_hybrid_stack_spec(_local_stack_spec(), settings, "*-*-/*-")
 
 
-def test_pipeline_bars_are_layers_of_one_stack(hybrid_final_norm_on_cpu):
+def test_pipeline_bars_are_layers_of_one_stack():
     model = _hybrid(MHCSettings(mode="mhc", expansion_rate=2), pattern="*-*-")
     kinds = [type(layer.input_layernorm).__name__ if i % 2 == 0 else type(layer.pre_mlp_layernorm).__name__
              for i, layer in enumerate(model.decoder.layers)]
@@ -99,7 +90,7 @@ def test_pipeline_bars_are_layers_of_one_stack(hybrid_final_norm_on_cpu):
     assert model.decoder.layers[1].mlp_bda.contraction is None
 
 
-def test_moe_layers_of_a_pattern_are_mhc_sublayers(hybrid_final_norm_on_cpu):
+def test_moe_layers_of_a_pattern_are_mhc_sublayers():
     from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
     from megatron.core.models.hybrid.hybrid_model import HybridModel
     from megatron.core.transformer.identity_op import IdentityFuncOp, IdentityOp

@@ -102,26 +102,25 @@ def test_dualpipev_from_the_command_line():
 
 
 @pytest.mark.parametrize(
-    "argv,megatron_lm,match",
+    "argv,match",
     [
-        (["--pipeline-schedule", "dualpipev", "--num-virtual-stages-per-pipeline-rank", "3"], None, "got --num-virtual-stages-per-pipeline-rank 3"),
-        (["--pipeline-schedule", "dualpipev"], "/ckpt/Megatron-LM", "built-in entry only"),
-        (["--pipeline-schedule", "dualpipev", "--num-layers-per-virtual-pipeline-stage", "2"], None, "drop --num-layers-per-virtual"),
+        (["--pipeline-schedule", "dualpipev", "--num-virtual-stages-per-pipeline-rank", "3"], "got --num-virtual-stages-per-pipeline-rank 3"),
+        (["--pipeline-schedule", "dualpipev", "--num-layers-per-virtual-pipeline-stage", "2"], "drop --num-layers-per-virtual"),
     ],
 )
-def test_dualpipev_launch_refusals(argv, megatron_lm, match):
+def test_dualpipev_launch_refusals(argv, match):
     from mhc_megatron.training.launcher import apply_schedule_defaults
 
     with pytest.raises(ValueError, match=match):
-        apply_schedule_defaults(argv, megatron_lm)
+        apply_schedule_defaults(argv)
 
 
 def test_dualpipev_sets_two_virtual_stages():
     from mhc_megatron.training.launcher import apply_schedule_defaults
 
-    assert apply_schedule_defaults(["--pipeline-schedule", "dualpipev"], None)[-2:] == [
+    assert apply_schedule_defaults(["--pipeline-schedule", "dualpipev"])[-2:] == [
         "--num-virtual-stages-per-pipeline-rank", "2"]
-    assert apply_schedule_defaults(["--pp", "2"], None) == ["--pp", "2"]
+    assert apply_schedule_defaults(["--pp", "2"]) == ["--pp", "2"]
 
 
 @pytest.mark.slow

@@ -83,11 +83,10 @@ def _build_hybrid(config, settings: MHCSettings, vocab_size: int, seq_len: int):
 
     from megatron.core.models.hybrid.hybrid_model import HybridModel
 
-    from ..mcore.hybrid import local_hybrid_stack_spec, mhc_hybrid_stack_spec, portable_hybrid_final_norm
+    from ..mcore.hybrid import local_hybrid_stack_spec, mhc_hybrid_stack_spec
 
     pattern = "*-" * config.num_layers
     config = dataclasses.replace(config, num_layers=len(pattern))
     stack = mhc_hybrid_stack_spec(local_hybrid_stack_spec(SDPACoreAttention), settings, pattern)
-    with portable_hybrid_final_norm():
-        return HybridModel(config, stack, vocab_size=vocab_size, max_sequence_length=seq_len,
-                           hybrid_layer_pattern=pattern, position_embedding_type="none")
+    return HybridModel(config, stack, vocab_size=vocab_size, max_sequence_length=seq_len,
+                       hybrid_layer_pattern=pattern, position_embedding_type="none")

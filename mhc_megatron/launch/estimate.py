@@ -86,7 +86,7 @@ def build_meta_model(cfg: LaunchConfig):
         "--no-persist-layer-norm", "--no-masked-softmax-fusion", "--no-bias-dropout-fusion",
         "--no-bias-swiglu-fusion",
     ]
-    sys.argv = ["mhc-megatron validate-config", *apply_schedule_defaults(argv, None)]
+    sys.argv = ["mhc-megatron validate-config", *apply_schedule_defaults(argv)]
     import logging
 
     logging.getLogger("megatron").setLevel(logging.ERROR)  # its set-up notes would bury the report

@@ -5,7 +5,7 @@ global index is its ``layer_number - 1``, which ``HybridStack`` passes when it b
 from the one spec of that layer type; :class:`MHCHybridLayer` reads it there and builds the mHC
 version of the residual layer spec for that position: the first layer expands the embedding into
 the n streams, and the last layer contracts them in its bias-dropout-add slot (``HybridStack``'s
-final norm is a fixed ``TENorm``, not a spec slot). A GPT model and a hybrid model with the
+final norm is not a spec slot). A GPT model and a hybrid model with the
 pattern ``*-*-...`` therefore compute the same function (tested with shared weights).
 
 Layer families mHC cannot wrap (Mamba ``M``, GatedDeltaNet ``G``, DSA ``D``) are refused.
@@ -13,12 +13,12 @@ Layer families mHC cannot wrap (Mamba ``M``, GatedDeltaNet ``G``, DSA ``D``) are
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
-import logging
 
+from megatron.core.models.hybrid.hybrid_block import HybridStack
 from megatron.core.transformer.identity_op import IdentityOp
 from megatron.core.transformer.spec_utils import ModuleSpec, build_module
+from megatron.core.transformer.torch_norm import WrappedTorchNorm
 from megatron.core.transformer.transformer_layer import TransformerLayerSubmodules
 
 from .settings import MHCSettings
@@ -33,14 +33,14 @@ def main_pattern(hybrid_layer_pattern: str) -> str:
     return hybrid_layer_pattern.split("/")[0].replace("|", "")
 
 
-def mhc_hybrid_stack_spec(stack_spec: ModuleSpec, settings: MHCSettings, hybrid_layer_pattern: str) -> ModuleSpec:
-    """The mHC version of a ``HybridStack`` spec for ``hybrid_layer_pattern``; unchanged in residual mode."""
+def check_hybrid_pattern(hybrid_layer_pattern: str, settings: MHCSettings) -> None:
+    """Refuse hybrid layer patterns mHC cannot wrap (decided from ``--hybrid-layer-pattern`` alone)."""
     if not settings.enabled:
-        return stack_spec
+        return
     if "/" in hybrid_layer_pattern:
         raise ValueError(
-            f"--residual-mode {settings.mode} with multi-token prediction in the hybrid pattern "
-            f"({hybrid_layer_pattern!r}) is not supported yet; drop the '/...' part"
+            f"--hybrid-layer-pattern {hybrid_layer_pattern!r}: --residual-mode {settings.mode} with "
+            "multi-token prediction in the hybrid pattern is not supported yet; drop the '/...' part"
         )
     if settings.recompute:
         raise ValueError("--mhc-recompute with HybridModel is not supported yet; drop --mhc-recompute")
@@ -49,9 +49,17 @@ def mhc_hybrid_stack_spec(stack_spec: ModuleSpec, settings: MHCSettings, hybrid_
     if refused:
         names = ", ".join(f"'{s}' ({REFUSED_SYMBOLS[s]})" for s in refused)
         raise ValueError(
-            f"mHC wraps attention ('*'), MLP ('-') and MoE ('E') layers; the pattern {hybrid_layer_pattern!r} "
-            f"has {names}, whose state is not a residual stream mHC can mix; use --residual-mode residual"
+            f"--hybrid-layer-pattern {hybrid_layer_pattern!r}: mHC wraps attention ('*'), MLP ('-') and MoE "
+            f"('E') layers; the pattern has {names}, whose state is not a residual stream mHC can mix; use --residual-mode residual"
         )
+
+
+def mhc_hybrid_stack_spec(stack_spec: ModuleSpec, settings: MHCSettings, hybrid_layer_pattern: str) -> ModuleSpec:
+    """The mHC version of a ``HybridStack`` spec for ``hybrid_layer_pattern``; unchanged in residual mode."""
+    if not settings.enabled:
+        return stack_spec
+    check_hybrid_pattern(hybrid_layer_pattern, settings)
+    pattern = main_pattern(hybrid_layer_pattern)
     sub = stack_spec.submodules
     replaced = {
         slot: ModuleSpec(
@@ -93,11 +101,16 @@ def hybrid_layer_spec(layer_spec: ModuleSpec, settings: MHCSettings, kind: str, 
     return dataclasses.replace(layer_spec, submodules=new_sub)
 
 
-def local_hybrid_stack_spec(core_attention=None, normalization: str = "RMSNorm") -> ModuleSpec:
-    """A transformer-engine-free ``HybridStack`` spec with attention (``*``) and MLP (``-``) layers,
-    made from megatron-core's local GPT layer spec (``core_attention``: e.g. ``SDPACoreAttention``)."""
+LOCAL_SYMBOLS = "*-E"  # the layer kinds local_hybrid_stack_spec builds
+
+
+def local_hybrid_stack_spec(core_attention=None, normalization: str = "RMSNorm", num_experts: int | None = None,
+                            moe_grouped_gemm: bool = False) -> ModuleSpec:
+    """A transformer-engine-free ``HybridStack`` spec with attention (``*``), MLP (``-``) and, with
+    ``num_experts``, MoE (``E``) layers, made from megatron-core's local GPT layer spec
+    (``core_attention``: e.g. ``SDPACoreAttention``) and a torch final norm (:class:`LocalHybridStack`)."""
     from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
-    from megatron.core.models.hybrid.hybrid_block import HybridStack, HybridStackSubmodules
+    from megatron.core.models.hybrid.hybrid_block import HybridStackSubmodules
     from megatron.core.ssm.mlp_layer import MLPLayer
     from megatron.core.transformer.identity_op import IdentityFuncOp
 
@@ -109,29 +122,28 @@ def local_hybrid_stack_spec(core_attention=None, normalization: str = "RMSNorm")
     sub = layer.submodules
     attention = dataclasses.replace(layer, submodules=dataclasses.replace(
         sub, pre_mlp_layernorm=IdentityOp, mlp=IdentityOp, mlp_bda=IdentityFuncOp))
-    mlp = ModuleSpec(module=MLPLayer, submodules=dataclasses.replace(
-        sub, input_layernorm=IdentityOp, self_attention=IdentityOp, self_attn_bda=IdentityFuncOp))
-    return ModuleSpec(module=HybridStack, submodules=HybridStackSubmodules(attention_layer=attention, mlp_layer=mlp))
+    mlp_only = dict(input_layernorm=IdentityOp, self_attention=IdentityOp, self_attn_bda=IdentityFuncOp)
+    mlp = ModuleSpec(module=MLPLayer, submodules=dataclasses.replace(sub, **mlp_only))
+    layers = dict(attention_layer=attention, mlp_layer=mlp)
+    if num_experts:
+        from megatron.core.transformer.transformer_layer import MoETransformerLayer
+
+        moe = get_gpt_layer_local_spec(num_experts=num_experts, moe_grouped_gemm=moe_grouped_gemm,
+                                       normalization=normalization)
+        layers["moe_layer"] = ModuleSpec(module=MoETransformerLayer,
+                                         submodules=dataclasses.replace(moe.submodules, **mlp_only))
+    return ModuleSpec(module=LocalHybridStack, submodules=HybridStackSubmodules(**layers))
 
 
-@contextlib.contextmanager
-def portable_hybrid_final_norm():
-    """Patch (named ``hybrid-final-norm``, listed in docs/megatron.md): ``HybridStack`` builds its
-    final norm with transformer-engine's ``TENorm`` unconditionally. Without transformer-engine,
-    while a model is built inside this block, that norm is megatron-core's torch norm of the
-    same kind (``WrappedTorchNorm``); with transformer-engine nothing changes."""
-    from megatron.core.extensions import transformer_engine
-    from megatron.core.models.hybrid import hybrid_block
+class LocalHybridStack(HybridStack):
+    """megatron-core's ``HybridStack`` with its final norm built from megatron-core's torch norm
+    (``HybridStack`` itself builds transformer-engine's ``TENorm`` unconditionally): the stack of
+    :func:`local_hybrid_stack_spec`. Same parameters, same checkpoint keys."""
 
-    if transformer_engine.HAVE_TE:
-        yield
-        return
-    from megatron.core.transformer.torch_norm import WrappedTorchNorm
-
-    logging.getLogger(__name__).info("transformer-engine is not installed: HybridStack's final norm uses torch's")
-    original = hybrid_block.TENorm
-    hybrid_block.TENorm = WrappedTorchNorm
-    try:
-        yield
-    finally:
-        hybrid_block.TENorm = original
+    def __init__(self, config, submodules, pre_process=True, layer_type_list=None, pp_layer_offset=0,
+                 post_layer_norm=True, **kwargs):
+        super().__init__(config, submodules, pre_process, layer_type_list, pp_layer_offset,
+                         post_layer_norm=False, **kwargs)
+        self.post_layer_norm = post_layer_norm
+        if self.post_process and post_layer_norm:
+            self.final_norm = WrappedTorchNorm(config=config, hidden_size=config.hidden_size, eps=config.layernorm_epsilon)

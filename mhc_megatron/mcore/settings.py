@@ -82,10 +82,12 @@ class MHCSettings:
         return dataclasses.replace(self, **changes)
 
 
-def check_transformer_config(config, settings: MHCSettings) -> None:
+def check_transformer_config(config, settings: MHCSettings, *, stage_shapes: bool = True) -> None:
     """Refuse Megatron options that cannot carry an n-stream residual, naming what to use instead.
 
-    ``config`` is a megatron-core ``TransformerConfig`` (or anything with the same attributes).
+    ``config`` is a megatron-core ``TransformerConfig`` or Megatron's parsed arguments (the same
+    attribute names). ``stage_shapes``: also require the pipeline shape set-up of
+    :func:`configure_pipeline` (a built config; the command line has not had it yet).
     """
     if not settings.enabled:
         return
@@ -128,7 +130,7 @@ def check_transformer_config(config, settings: MHCSettings) -> None:
             "the inference-optimized layers (they fuse the residual add into the projections)",
             "use --transformer-impl local or transformer_engine",
         )
-    if (getattr(config, "pipeline_model_parallel_size", 1) or 1) > 1 and not getattr(
+    if stage_shapes and (getattr(config, "pipeline_model_parallel_size", 1) or 1) > 1 and not getattr(
         config, "variable_seq_lengths", False
     ):
         refuse(

@@ -28,6 +28,7 @@ import sys
 from dataclasses import dataclass
 
 from .arguments import add_mhc_arguments, chain_args_providers, mhc_settings_from_args
+from .checks import check_launch_args
 from .model_config import apply_mhc_to_gpt_config, apply_mhc_to_hybrid_config
 
 PROG = "mhc-pretrain-gpt"
@@ -37,14 +38,15 @@ PROG = "mhc-pretrain-gpt"
 class _LaunchState:
     settings: object = None
     diagnostics: object = None
+    builtin_entry: bool = True  # False: a Megatron-LM checkout's pretrain_gpt.py runs
 
 
-def install_hooks() -> _LaunchState:
+def install_hooks(builtin_entry: bool = True) -> _LaunchState:
     """Wrap Megatron's argument parsing and model-config functions (idempotent)."""
     import megatron.training.argument_utils as argument_utils
     import megatron.training.arguments as arguments
 
-    state = _LaunchState()
+    state = _LaunchState(builtin_entry=builtin_entry)
     parse = getattr(arguments.parse_and_validate_args, "__wrapped_by_mhc__", arguments.parse_and_validate_args)
     gpt_config = getattr(argument_utils.gpt_config_from_args, "__wrapped_by_mhc__", argument_utils.gpt_config_from_args)
     hybrid_config = getattr(
@@ -53,8 +55,11 @@ def install_hooks() -> _LaunchState:
 
     def parse_and_validate_args(extra_args_provider=None, ignore_unknown_args=False, args_defaults={}):
         provider = chain_args_providers(extra_args_provider, add_mhc_arguments, escape_help_percent_signs)
+        # refuse what the command line alone decides before Megatron validates, prints or builds
+        check_launch_args(arguments.parse_args(provider, ignore_unknown_args), builtin_entry=state.builtin_entry)
         args = parse(provider, ignore_unknown_args, args_defaults)
         state.settings = mhc_settings_from_args(args)
+        announce(args, state.settings)
         if args.pipeline_schedule == "dualpipev":
             from .dualpipev import install_schedule
 
@@ -76,8 +81,6 @@ def install_hooks() -> _LaunchState:
 
     def hybrid_config_from_args(args, *rest, **kwargs):
         settings = state.settings or mhc_settings_from_args(args)
-        if getattr(args, "pipeline_schedule", "default") == "dualpipev":
-            raise ValueError("--pipeline-schedule dualpipev supports GPTModel only; HybridModel runs Megatron's schedules")
         return apply_mhc_to_hybrid_config(hybrid_config(args, *rest, **kwargs), settings)
 
     for fn, original in (
@@ -90,6 +93,20 @@ def install_hooks() -> _LaunchState:
     argument_utils.gpt_config_from_args = gpt_config_from_args
     argument_utils.hybrid_config_from_args = hybrid_config_from_args
     return state
+
+
+def announce(args, settings) -> None:
+    """One log line saying what this launch runs: the residual mode and which Megatron."""
+    import megatron.core
+
+    if getattr(args, "rank", 0) != 0:
+        return
+    mode = settings.mode if not settings.enabled else (
+        f"{settings.mode}, {settings.expansion_rate} streams, {settings.sinkhorn_iters} Sinkhorn iterations, "
+        f"kernels {settings.backend}" if settings.mode == "mhc" else f"hc, {settings.expansion_rate} streams")
+    version = getattr(megatron.core, "__version__", "unknown version")
+    where = os.path.dirname(os.path.dirname(os.path.abspath(megatron.core.__file__)))
+    print(f"{PROG}: residual mode {mode}; megatron-core {version} from {where}", flush=True)
 
 
 def escape_help_percent_signs(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
@@ -127,7 +144,7 @@ def _split_launcher_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]
     return pre.parse_known_args(argv)
 
 
-def apply_schedule_defaults(argv: list[str], megatron_lm: str | None) -> list[str]:
+def apply_schedule_defaults(argv: list[str]) -> list[str]:
     """``--pipeline-schedule dualpipev`` means two virtual stages per rank: add
     ``--num-virtual-stages-per-pipeline-rank 2`` unless given, refuse anything else."""
     pre = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
@@ -137,11 +154,6 @@ def apply_schedule_defaults(argv: list[str], megatron_lm: str | None) -> list[st
     known, _ = pre.parse_known_args(argv)
     if known.pipeline_schedule != "dualpipev":
         return argv
-    if megatron_lm:
-        raise ValueError(
-            "--pipeline-schedule dualpipev runs with the built-in entry only (both ends of the V read "
-            "batches on pipeline rank 0, which the checkout's pretrain_gpt.py does not do): drop --megatron-lm"
-        )
     if known.num_layers_per_virtual_pipeline_stage is not None:
         raise ValueError("--pipeline-schedule dualpipev sets two stages per rank itself: drop "
                          "--num-layers-per-virtual-pipeline-stage")
@@ -168,9 +180,9 @@ def main(argv: list[str] | None = None) -> int:
     launcher, megatron_argv = _split_launcher_args(argv)
     if "-h" in megatron_argv or "--help" in megatron_argv:
         _print_help_header()
-    install_hooks()
+    install_hooks(builtin_entry=not launcher.megatron_lm)
     try:
-        sys.argv = [PROG, *apply_schedule_defaults(megatron_argv, launcher.megatron_lm)]
+        sys.argv = [PROG, *apply_schedule_defaults(megatron_argv)]
         if launcher.megatron_lm:
             name = "pretrain_hybrid.py" if "--hybrid-layer-pattern" in megatron_argv else "pretrain_gpt.py"
             script = os.path.join(launcher.megatron_lm, name)
@@ -199,7 +211,6 @@ def _run_builtin_entry() -> None:
     from . import gpt_entry
 
     args = parse_and_validate_args(args_defaults={"tokenizer_type": "GPT2BPETokenizer"})
-    gpt_entry.check_supported(args)
     # Megatron's convention: --hybrid-layer-pattern selects HybridModel (same data and forward step)
     model_cfg = hybrid_config_from_args(args) if args.hybrid_layer_pattern else gpt_config_from_args(args)
     skip_dataset_helper_compile_if_prebuilt()

@@ -59,7 +59,7 @@ def apply_mhc_to_hybrid_config(model_cfg, settings: MHCSettings):
     """Make ``model_cfg`` (a ``HybridModelConfig``) build mHC/HC hybrid layers; residual: unchanged.
 
     The stack spec is the config's own, or megatron-core's default (transformer-engine) hybrid
-    stack; every attention, MLP and MoE layer of the pattern becomes one mHC sublayer
+    stack, or with ``--transformer-impl local`` the TE-free stack of the same layers; every attention, MLP and MoE layer of the pattern becomes one mHC sublayer
     (:mod:`mhc_megatron.mcore.hybrid`).
     """
     from ..mcore.hybrid import mhc_hybrid_stack_spec
@@ -79,6 +79,27 @@ def apply_mhc_to_hybrid_config(model_cfg, settings: MHCSettings):
                 f"--residual-mode {settings.mode} does not wrap the inference-optimized or ModelOpt hybrid "
                 "stacks; use --transformer-impl transformer_engine"
             )
-        from megatron.core.models.hybrid.hybrid_layer_specs import hybrid_stack_spec as spec
+        if transformer.transformer_impl == "local":
+            spec = _local_hybrid_stack(model_cfg)
+        else:
+            from megatron.core.models.hybrid.hybrid_layer_specs import hybrid_stack_spec as spec
     model_cfg.hybrid_stack_spec = mhc_hybrid_stack_spec(spec, settings, model_cfg.hybrid_layer_pattern)
     return model_cfg
+
+
+def _local_hybrid_stack(model_cfg):
+    """``--transformer-impl local`` for HybridModel: megatron-core's own hybrid stack is built from
+    transformer-engine modules whatever the flag says, so build the TE-free stack of the same layers."""
+    from ..mcore.hybrid import LOCAL_SYMBOLS, local_hybrid_stack_spec, main_pattern
+
+    transformer = model_cfg.transformer
+    other = sorted(set(main_pattern(model_cfg.hybrid_layer_pattern)) - set(LOCAL_SYMBOLS))
+    if other or transformer.multi_latent_attention:
+        what = "multi-latent attention" if not other else f"the layer symbols {', '.join(map(repr, other))}"
+        raise ValueError(
+            f"--transformer-impl local with --hybrid-layer-pattern {model_cfg.hybrid_layer_pattern!r}: the "
+            f"transformer-engine-free hybrid stack builds attention ('*'), MLP ('-') and MoE ('E') layers, not "
+            f"{what}; use --transformer-impl transformer_engine"
+        )
+    return local_hybrid_stack_spec(normalization=transformer.normalization, num_experts=transformer.num_moe_experts,
+                                   moe_grouped_gemm=transformer.moe_grouped_gemm)

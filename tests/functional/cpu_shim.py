@@ -27,7 +27,9 @@ megatron-core's own CUDA-only spots (as in ``tests/mcore_helpers.py``): ``Global
 ``CudaRNGStatesTracker.fork`` and the tracker's RNG-state getters (a per-name CUDA generator), the
 MoE router's ``gating``, the sequence-parallel gather/scatter mappings, MTP's loss log buffer; and
 ``WrappedTorchNorm`` (the local spec's norm) accepts ``--sequence-parallel`` and marks its weights
-``sequence_parallel``, as transformer-engine's norm does on a GPU.
+``sequence_parallel``, as transformer-engine's norm does on a GPU; a core attention built for
+multi-latent attention (``k_channels``/``v_channels``, which megatron-core's local
+``DotProductAttention`` does not take) is the product's portable ``SDPACoreAttention``.
 
 Environment: ``TORCHDYNAMO_DISABLE=1`` (Megatron's JIT warm-up and ``torch.compile``'d pieces need a
 compiler toolchain for CUDA). The launching entry initialises gloo before ``pretrain()``, which then
@@ -221,6 +223,29 @@ def _sequence_parallel_torch_norm() -> None:
     torch_norm.WrappedTorchNorm.__new__ = staticmethod(__new__)
 
 
+def _portable_mla_core_attention() -> None:
+    """megatron-core 0.19.2's local ``DotProductAttention`` cannot build multi-latent attention (it
+    takes no ``k_channels``/``v_channels``; GPU runs use transformer-engine's). Where a core attention
+    is built with them, build the product's portable ``SDPACoreAttention`` instead."""
+    from megatron.core.models import backends
+    from megatron.core.transformer import dot_product_attention
+    from megatron.training.models import gpt
+
+    from mhc_megatron.mcore.attention import SDPACoreAttention
+
+    local = dot_product_attention.DotProductAttention
+
+    class CoreAttention:
+        def __new__(cls, *args, k_channels=None, v_channels=None, **kwargs):
+            if k_channels is None and v_channels is None:
+                return local(*args, **kwargs)
+            return SDPACoreAttention(*args, k_channels=k_channels, v_channels=v_channels, **kwargs)
+
+    dot_product_attention.DotProductAttention = CoreAttention
+    backends.DotProductAttention = CoreAttention
+    gpt.MCoreDotProductAttention = CoreAttention
+
+
 def _patch_megatron_core() -> None:
     import sys
 
@@ -231,6 +256,7 @@ def _patch_megatron_core() -> None:
 
     cpu_redirections()
     _sequence_parallel_torch_norm()
+    _portable_mla_core_attention()
 
 
 _MODE: CudaToCpu | None = None
