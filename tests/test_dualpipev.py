@@ -51,3 +51,18 @@ def test_dualpipev_forward_only_evaluates_any_number_of_microbatches(tmp_path):
     ranks = run_distributed(dualpipev, 2, "mhc", state, 4, 3, False, 1, True)  # 3 < 2P: fine without backward
     assert ranks[0]["losses"] == pytest.approx(ref["losses"], rel=1e-5)
     assert all(r["grads"] == 0 for r in ranks)
+
+
+def test_one_shared_data_iterator_gives_both_chunks_the_same_microbatches():
+    """Rank 0 holds the embedding (chunk 0) and the loss (chunk 1) of the V: with a single data
+    iterator, chunk 1 must see the micro-batch chunk 0 drew, in order."""
+    from mhc_megatron.pipeline.dualpipev import chunk_iterators
+
+    down, up = chunk_iterators(iter(range(5)))
+    assert [next(down), next(down), next(up), next(down), next(up), next(up)] == [0, 1, 0, 2, 1, 2]
+    with pytest.raises(RuntimeError, match="has not read"):
+        next(up)
+    a, b = iter("ab"), iter("ab")
+    assert chunk_iterators([a, b]) == [a, b] and chunk_iterators(None) == [None, None]
+    with pytest.raises(ValueError, match="one per chunk"):
+        chunk_iterators([a])

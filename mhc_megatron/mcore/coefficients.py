@@ -11,9 +11,13 @@ parallelism each rank sees other tokens, so their gradients are marked ``sequenc
 and megatron-core all-reduces them over the tensor-parallel group
 (``finalize_model_grads``). Without sequence parallelism every rank computes the same gradient.
 
-They stay in float32 when Megatron casts the model to bf16/fp16 (``Float16Module``): the spec
-asks for fp32 coefficient maths with fp32 ``phi``, and the optimizer keeps fp32 parameters of a
-half-precision model as their own main parameters.
+Precision: the parameters take the model's dtype like every other Megatron parameter (bf16 under
+``--bf16``), so Megatron's mixed-precision optimizers keep their fp32 main copies and checkpoint
+them; the coefficient maths upcasts them and runs in float32 (``compute``). fp32 parameters inside
+a half-precision model are not an option: megatron-core 0.19's optimizers train them but cannot
+checkpoint them (the distributed optimizer reorders mixed-dtype parameter groups, the
+non-distributed one leaves fp32 parameters out of its sharded state), found by the real-loop bf16
+checkpoint case.
 """
 
 from __future__ import annotations
@@ -26,7 +30,7 @@ from .settings import MHCSettings
 
 
 class _Coefficients(MegatronModule):
-    """Shared plumbing: fp32 parameters, replication flags, the optional finiteness check."""
+    """Shared plumbing: parameters, replication flags, the optional finiteness check."""
 
     def __init__(self, config, hidden_size: int, settings: MHCSettings, sublayer_index: int):
         super().__init__(config=config)
@@ -43,21 +47,12 @@ class _Coefficients(MegatronModule):
     def forward(self, x: torch.Tensor, *params: torch.Tensor):
         """``(H_pre, H_post, H_res)`` of ``x``; ``params`` replace the module's own parameters
         (the recompute path passes them explicitly so that their gradients flow through it)."""
-        h = self.compute(x, *(params or self.coefficient_parameters()))
+        # the maths is float32 (float64 for float64 inputs), whatever the parameters' dtype
+        dt = torch.float64 if x.dtype == torch.float64 else torch.float32
+        h = self.compute(x, *(p.to(dt) for p in (params or self.coefficient_parameters())))
         if self.settings.check_finite:
             _check_finite(h, x, self.sublayer_index)
         return h
-
-    def _apply(self, fn, recurse=True):
-        # Casts to fp16/bf16 leave the fp32 parameters alone; device moves still apply.
-        def keep_fp32(t: torch.Tensor) -> torch.Tensor:
-            if t.dtype == torch.float32:
-                probe = fn(torch.empty(0, dtype=t.dtype, device=t.device))
-                if probe.dtype in (torch.float16, torch.bfloat16):
-                    return t.to(device=probe.device)
-            return fn(t)
-
-        return super()._apply(keep_fp32, recurse)
 
 
 def _check_finite(h, x: torch.Tensor, sublayer_index: int) -> None:
@@ -77,9 +72,9 @@ class MHCCoefficients(_Coefficients):
 
     def _create_parameters(self) -> None:
         m = ops.num_coefficients(self.n)
-        self.phi = torch.nn.Parameter(torch.empty(self.n * self.hidden_size, m, dtype=torch.float32))
-        self.bias = torch.nn.Parameter(torch.empty(m, dtype=torch.float32))
-        self.alpha = torch.nn.Parameter(torch.empty(3, dtype=torch.float32))
+        self.phi = torch.nn.Parameter(torch.empty(self.n * self.hidden_size, m, dtype=self.config.params_dtype))
+        self.bias = torch.nn.Parameter(torch.empty(m, dtype=self.config.params_dtype))
+        self.alpha = torch.nn.Parameter(torch.empty(3, dtype=self.config.params_dtype))
 
     def reset_parameters(self) -> None:
         s = self.settings
@@ -100,9 +95,9 @@ class HCCoefficients(_Coefficients):
     """Unconstrained Hyper-Connections coefficients (tanh dynamic part plus static matrices)."""
 
     def _create_parameters(self) -> None:
-        self.theta = torch.nn.Parameter(torch.empty(self.hidden_size, self.n + 2, dtype=torch.float32))
-        self.bias = torch.nn.Parameter(torch.empty(ops.num_coefficients(self.n), dtype=torch.float32))
-        self.alpha = torch.nn.Parameter(torch.empty(3, dtype=torch.float32))
+        self.theta = torch.nn.Parameter(torch.empty(self.hidden_size, self.n + 2, dtype=self.config.params_dtype))
+        self.bias = torch.nn.Parameter(torch.empty(ops.num_coefficients(self.n), dtype=self.config.params_dtype))
+        self.alpha = torch.nn.Parameter(torch.empty(3, dtype=self.config.params_dtype))
 
     def reset_parameters(self) -> None:
         init = ops.init_hc_parameters(

@@ -13,6 +13,14 @@ RESIDUAL_MODES = ("residual", "hc", "mhc")
 CONTRACTIONS = ("mean", "sum")
 
 
+class InvalidSetting(ValueError):
+    """A refused :class:`MHCSettings` field; the launcher names the flag that set it."""
+
+    def __init__(self, field: str, value, why: str):
+        super().__init__(f"{field}={value!r}: {why}")
+        self.field, self.value, self.why = field, value, why
+
+
 @dataclass(frozen=True)
 class MHCSettings:
     """How the residual stream of a Megatron model is built.
@@ -50,28 +58,32 @@ class MHCSettings:
     post_res_stream: bool = False
 
     def __post_init__(self):
-        if self.mode not in RESIDUAL_MODES:
-            raise ValueError(
-                f"residual mode must be one of {', '.join(RESIDUAL_MODES)}, got {self.mode!r}"
-            )
-        check_expansion_rate(self.expansion_rate)
-        check_iters(self.sinkhorn_iters)
-        if not math.isfinite(self.alpha_init) or self.alpha_init < 0:
-            raise ValueError(f"mHC gate init must be a finite value >= 0, got {self.alpha_init!r}")
-        if not math.isfinite(self.res_init_diag):
-            raise ValueError(f"H_res init diagonal must be finite, got {self.res_init_diag!r}")
-        if not self.coeff_eps > 0:
-            raise ValueError(f"coefficient norm epsilon must be > 0, got {self.coeff_eps!r}")
-        if self.contraction not in CONTRACTIONS:
-            raise ValueError(
-                f"stream contraction must be one of {', '.join(CONTRACTIONS)}, got {self.contraction!r}"
-            )
+        def refuse(field: str, why: str):
+            raise InvalidSetting(field, getattr(self, field), why)
 
+        if self.mode not in RESIDUAL_MODES:
+            refuse("mode", f"the residual mode must be one of {', '.join(RESIDUAL_MODES)}")
+        for field, check in (("expansion_rate", check_expansion_rate), ("sinkhorn_iters", check_iters)):
+            try:
+                check(getattr(self, field))
+            except ValueError as err:
+                refuse(field, str(err))
+        if not isinstance(self.alpha_init, (int, float)) or not math.isfinite(self.alpha_init) or self.alpha_init < 0:
+            refuse("alpha_init", "the gate init must be a finite value >= 0 (the paper uses 0.01)")
+        if not isinstance(self.res_init_diag, (int, float)) or not math.isfinite(self.res_init_diag):
+            refuse("res_init_diag", "the H_res init diagonal must be finite (0: uniform, 4 to 8: near the identity)")
+        if not isinstance(self.coeff_eps, (int, float)) or not (0 < self.coeff_eps < math.inf):
+            refuse("coeff_eps", "the coefficient norm epsilon must be a finite value > 0 (default 1e-6)")
+        for field in ("check_finite", "recompute", "post_res_stream"):
+            if not isinstance(getattr(self, field), bool):
+                refuse(field, "must be True or False")
+        if self.contraction not in CONTRACTIONS:
+            refuse("contraction", f"the stream contraction must be one of {', '.join(CONTRACTIONS)}")
         if self.backend not in BACKENDS:
-            raise ValueError(f"mHC kernel backend must be one of {', '.join(BACKENDS)}, got {self.backend!r}")
+            refuse("backend", f"the mHC kernel backend must be one of {', '.join(BACKENDS)}")
         b = self.recompute_block_size
         if b != "auto" and (isinstance(b, bool) or not isinstance(b, int) or b < 1):
-            raise ValueError(f"mHC recompute block size must be 'auto' or an integer >= 1, got {b!r}")
+            refuse("recompute_block_size", "the recompute block size must be 'auto' or an integer >= 1")
 
     @property
     def enabled(self) -> bool:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from ..mcore.settings import CONTRACTIONS, RESIDUAL_MODES, MHCSettings
+from ..mcore.settings import CONTRACTIONS, RESIDUAL_MODES, InvalidSetting, MHCSettings
 from ..ops._backend import BACKENDS
 
 DEFAULT_EXPANSION_RATE = 4
@@ -145,7 +145,7 @@ def mhc_settings_from_args(args: argparse.Namespace) -> MHCSettings:
         n = DEFAULT_EXPANSION_RATE
     interval = getattr(args, "mhc_log_interval", 0)
     if interval < 0:
-        raise ValueError(f"--mhc-log-interval must be >= 0 (0: off), got {interval}")
+        raise ValueError(f"--mhc-log-interval {interval}: must be >= 0 (0: off)")
     if interval and mode == "residual":
         raise ValueError(f"--mhc-log-interval {interval} logs H_res, which needs --residual-mode hc or mhc")
     if mode != "residual" and getattr(args, "enable_mhc_connections", False):
@@ -153,6 +153,24 @@ def mhc_settings_from_args(args: argparse.Namespace) -> MHCSettings:
             f"--residual-mode {mode} and upstream Megatron's --enable-mhc-connections both build "
             "hyper-connections; use one of them (docs/megatron.md compares the two)"
         )
+    try:
+        return _settings(args, mode, n)
+    except InvalidSetting as err:
+        flag = SETTING_FLAGS.get(err.field, err.field)
+        raise ValueError(f"{flag} {err.value}: {err.why}") from None
+
+
+# the flag that sets each MHCSettings field
+SETTING_FLAGS = {
+    "mode": "--residual-mode", "expansion_rate": "--expansion-rate", "sinkhorn_iters": "--mhc-sinkhorn-iters",
+    "alpha_init": "--mhc-alpha-init", "res_init_diag": "--mhc-res-init-diag", "coeff_eps": "--mhc-coeff-eps",
+    "check_finite": "--mhc-check-finite", "contraction": "--mhc-contraction", "backend": "--mhc-kernels",
+    "recompute": "--mhc-recompute", "recompute_block_size": "--mhc-recompute-block-size",
+    "post_res_stream": "--mhc-post-res-stream",
+}
+
+
+def _settings(args, mode: str, n: int) -> MHCSettings:
     return MHCSettings(
         mode=mode,
         expansion_rate=n,

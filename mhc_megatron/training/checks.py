@@ -79,7 +79,7 @@ def check_dualpipev_args(args, *, builtin_entry: bool) -> None:
             "two chunks of rank 0 and does not tie their weights: add --untie-embeddings-and-output-weights"
         )
     vpp = getattr(args, "num_virtual_stages_per_pipeline_rank", None)
-    check_dualpipev_config(types.SimpleNamespace(
+    layout = types.SimpleNamespace(
         pipeline_model_parallel_size=pp,
         virtual_pipeline_model_parallel_size=2 if vpp is None else vpp,
         num_layers=args.num_layers,
@@ -88,7 +88,11 @@ def check_dualpipev_args(args, *, builtin_entry: bool) -> None:
         num_layers_in_last_pipeline_stage=getattr(args, "decoder_last_pipeline_num_layers", None),
         param_sync_func=True if getattr(args, "overlap_param_gather", False) else None,
         mtp_num_layers=getattr(args, "mtp_num_layers", None),
-    ))
+    )
+    try:
+        check_dualpipev_config(layout)
+    except ValueError as err:
+        raise ValueError(f"--pipeline-schedule dualpipev: {err}") from None
     microbatches = microbatches_per_step(args)
     if microbatches is None:
         raise ValueError("--pipeline-schedule dualpipev needs a fixed number of micro-batches per step: "

@@ -1,0 +1,269 @@
+"""The functional matrix: ``mhc-pretrain-gpt`` through Megatron's own ``pretrain()`` on the CPU.
+
+Every case launches the product as a user does (torchrun, gloo) and compares the per-iteration
+``lm loss`` Megatron writes to TensorBoard with a reference run. Tolerances:
+
+* ``EXACT`` (0): the same computation in the same layout (hooks off vs residual mode, a resume vs
+  the uninterrupted run, recompute vs keeping the intermediates);
+* ``LAYOUT`` (2e-5 absolute, on losses near 4.5): another parallel layout of the same model from
+  the same weights; only the order of float32 sums differs (measured: at most 5e-7);
+* ``BF16`` (0.05): bf16 against the float32 run (measured: about 1e-3).
+
+What each case proves, and how to add one: docs/testing.md.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+
+import pytest
+
+from harness import HERE, TINY_GPT
+from plan import LAUNCHES, Matrix, uses
+
+pytestmark = [pytest.mark.functional, pytest.mark.slow]
+
+EXACT = 0.0
+LAYOUT = 2e-5
+BF16 = 0.05
+ITERATIONS = list(range(1, 9))
+
+
+WORST: dict[tuple[str, str], float] = {}  # (launch, reference) -> worst |d lm loss|, for the report
+
+
+@pytest.fixture(scope="module")
+def matrix(request, tmp_path_factory):
+    """Runs the launches the selected tests of this module need (two cores' worth at a time)."""
+    m = Matrix(str(tmp_path_factory.mktemp("real-loop")))
+    wanted = []
+    for item in request.session.items:
+        if item.module is request.module:
+            for mark in item.iter_markers("launches"):
+                wanted.extend(mark.args)
+    m.start(dict.fromkeys(wanted))
+    yield m
+    m.close()
+    reporter = request.config.pluginmanager.get_plugin("terminalreporter")
+    if reporter is not None and WORST:
+        reporter.write_line("\nreal-loop matrix: worst |d lm loss| per comparison")
+        for (name, reference), worst in sorted(WORST.items()):
+            reporter.write_line(f"  {name:<22} vs {reference:<12} {worst:.3g}")
+
+
+def curve(matrix, name, iterations=ITERATIONS):
+    run = matrix.run(name).check()
+    missing = [i for i in iterations if i not in run.losses]
+    assert not missing, f"{name}: no lm loss for iterations {missing}\n{run.tail()}"
+    return [run.losses[i] for i in iterations]
+
+
+def assert_curves_match(matrix, name, reference, tol, iterations=ITERATIONS):
+    got, want = curve(matrix, name, iterations), curve(matrix, reference, iterations)
+    worst = max(abs(a - b) for a, b in zip(got, want))
+    WORST[(name, reference)] = worst
+    assert worst <= tol, f"{name} vs {reference}: worst |d lm loss| {worst:.3g} > {tol:g}\n{got}\n{want}"
+    return worst
+
+
+def assert_trains(values, by=0.3):
+    assert all(math.isfinite(v) for v in values), values
+    assert values[-1] < values[0] - by, f"loss did not decrease by {by}: {values}"
+
+
+# 1 --------------------------------------------------------------------------------------------
+@uses("plain", "residual")
+def test_residual_mode_is_megatron_unchanged(matrix):
+    assert_curves_match(matrix, "residual", "plain", EXACT)
+    assert "residual mode residual;" in matrix.run("residual").log
+
+
+# 2 --------------------------------------------------------------------------------------------
+@uses("mhc", "hc", "residual")
+@pytest.mark.parametrize("mode", ["mhc", "hc"])
+def test_reference_curves_train(matrix, mode):
+    values = curve(matrix, mode)
+    assert_trains(values)
+    assert f"residual mode {mode}, 4 streams" in matrix.run(mode).log
+    assert values != curve(matrix, "residual")  # the mode took effect
+
+
+# 3 --------------------------------------------------------------------------------------------
+@uses("mhc", "mhc_init")
+def test_initial_checkpoint_is_the_initial_model(matrix):
+    """The layout cases start from ``mhc_init``: its one lr-0 step saw the weights of ``mhc``."""
+    assert curve(matrix, "mhc_init", [1]) == curve(matrix, "mhc", [1])
+
+
+@uses("mhc", "mhc_tp2", "mhc_tp2_sp", "mhc_pp2", "mhc_pp2_vpp2")
+@pytest.mark.parametrize("layout", ["mhc_tp2", "mhc_tp2_sp", "mhc_pp2", "mhc_pp2_vpp2"])
+def test_parallel_layouts_match_the_single_process_curve(matrix, layout):
+    assert_curves_match(matrix, layout, "mhc", LAYOUT)
+
+
+@uses("mhc_untied", "mhc_untied_init", "mhc_dualpipev")
+def test_dualpipev_matches_the_single_process_curve(matrix):
+    assert curve(matrix, "mhc_untied_init", [1]) == curve(matrix, "mhc_untied", [1])
+    assert_curves_match(matrix, "mhc_dualpipev", "mhc_untied", LAYOUT)
+    assert_trains(curve(matrix, "mhc_dualpipev"))
+
+
+# 4 --------------------------------------------------------------------------------------------
+@uses("moe_ep1", "moe_ep2")
+def test_moe_with_mla_matches_across_expert_parallel_sizes(matrix):
+    assert_curves_match(matrix, "moe_ep2", "moe_ep1", LAYOUT)
+    assert_trains(curve(matrix, "moe_ep1"))
+
+
+# 5 --------------------------------------------------------------------------------------------
+@uses("mhc", "mhc_recompute_auto", "mhc_recompute_3")
+@pytest.mark.parametrize("name", ["mhc_recompute_auto", "mhc_recompute_3"])
+def test_mhc_recompute_changes_nothing(matrix, name):
+    assert_curves_match(matrix, name, "mhc", LAYOUT)
+
+
+# 6 --------------------------------------------------------------------------------------------
+@uses("hybrid", "hybrid_pp2")
+def test_hybrid_model_trains_and_pipelines(matrix):
+    assert_trains(curve(matrix, "hybrid"))
+    assert_curves_match(matrix, "hybrid_pp2", "hybrid", LAYOUT)
+
+
+@uses("mtp", "rope")
+def test_multi_token_prediction_trains_beside_the_mhc_decoder(matrix):
+    # same initial weights: the main loss of the first step does not see the MTP block
+    assert abs(curve(matrix, "mtp", [1])[0] - curve(matrix, "rope", [1])[0]) <= LAYOUT
+    assert_trains(curve(matrix, "mtp"))
+    mtp = matrix.run("mtp").scalars
+    tag = next((t for t in mtp if t.startswith("mtp_1 loss") and "vs samples" not in t), None)
+    assert tag, sorted(mtp)
+    values = [mtp[tag][i] for i in sorted(mtp[tag])]
+    assert values[-1] < values[0], values
+
+
+# 7 --------------------------------------------------------------------------------------------
+@uses("mhc", "mhc_resume", "residual", "residual_resume")
+@pytest.mark.parametrize("mode", ["mhc", "residual"])
+def test_resume_continues_exactly(matrix, mode):
+    assert_curves_match(matrix, f"{mode}_resume", mode, EXACT, iterations=[5, 6, 7, 8])
+
+
+@uses("mhc_tp2", "tp2_to_tp1_resume")
+def test_resume_at_another_tensor_parallel_size(matrix):
+    assert_curves_match(matrix, "tp2_to_tp1_resume", "mhc_tp2", LAYOUT, iterations=[5, 6, 7, 8])
+
+
+# 8 --------------------------------------------------------------------------------------------
+@uses("mhc", "hc")
+def test_diagnostics_reach_tensorboard(matrix):
+    gains = {}
+    for mode in ("mhc", "hc"):
+        scalars = matrix.run(mode).scalars
+        for tag in ("mhc/composite_forward_gain", "mhc/composite_backward_gain"):
+            assert sorted(scalars.get(tag, {})) == [2, 4, 6, 8], (mode, tag, sorted(scalars))
+        assert sum(t.startswith("mhc/sublayer_") for t in scalars) == 6 * 8  # 8 sublayers
+        gains[mode] = [v for i, v in sorted(scalars["mhc/composite_forward_gain"].items())]
+    assert all(abs(g - 1) <= 1e-5 for g in gains["mhc"]), gains["mhc"]
+    assert any(abs(g - 1) > 1e-3 for g in gains["hc"]), gains["hc"]
+
+
+# 9 --------------------------------------------------------------------------------------------
+@uses("mhc_bf16", "mhc_bf16_resume", "mhc_bf16_distopt", "mhc")
+def test_bf16_trains_checkpoints_and_keeps_fp32_main_parameters(matrix):
+    assert_curves_match(matrix, "mhc_bf16", "mhc", BF16)
+    assert_curves_match(matrix, "mhc_bf16_distopt", "mhc_bf16", BF16)
+    assert_curves_match(matrix, "mhc_bf16_resume", "mhc_bf16", EXACT, iterations=[5, 6, 7, 8])
+    import torch
+    from torch.distributed.checkpoint import FileSystemReader
+
+    def dtypes(name):
+        meta = FileSystemReader(os.path.join(matrix.ckpt(name), "iter_0000004")).read_metadata().state_dict_metadata
+        return {k: v.properties.dtype for k, v in meta.items() if hasattr(v, "properties")}
+
+    saved = dtypes("mhc_bf16")
+    phi = "decoder.layers.input_layernorm.coefficients.phi"
+    # the model holds bf16 like every Megatron parameter; the optimizer its fp32 main copy and moments
+    assert saved[phi] == saved["decoder.layers.self_attention.linear_qkv.weight"] == torch.bfloat16
+    for state in ("fp32_param", "exp_avg", "exp_avg_sq"):
+        assert saved[f"optimizer.state.{state}.{phi}"] == torch.float32, state
+    assert dtypes("mhc_bf16_distopt")[phi] == torch.bfloat16
+
+
+# 10 -------------------------------------------------------------------------------------------
+DUALPIPEV = ["--residual-mode", "mhc", "--pipeline-model-parallel-size", "2", "--pipeline-schedule", "dualpipev",
+             "--untie-embeddings-and-output-weights"]
+
+# (extra flags, world size, what the message must say): every refusal the command line decides
+REFUSALS = [
+    (["--expansion-rate", "4"], 1, "--expansion-rate 4 needs --residual-mode hc or mhc"),
+    (["--residual-mode", "mhc", "--expansion-rate", "0"], 1, "--expansion-rate 0: expansion rate must be an integer >= 1"),
+    (["--residual-mode", "mhc", "--mhc-sinkhorn-iters", "0"], 1, "--mhc-sinkhorn-iters 0: Sinkhorn iterations must be"),
+    (["--residual-mode", "mhc", "--mhc-alpha-init", "-1"], 1, "--mhc-alpha-init -1.0: the gate init must be"),
+    (["--residual-mode", "mhc", "--mhc-res-init-diag", "inf"], 1, "--mhc-res-init-diag inf: the H_res init diagonal"),
+    (["--residual-mode", "mhc", "--mhc-coeff-eps", "0"], 1, "--mhc-coeff-eps 0.0: the coefficient norm epsilon"),
+    (["--residual-mode", "mhc", "--mhc-recompute-block-size", "0"], 1, "--mhc-recompute-block-size 0:"),
+    (["--residual-mode", "mhc", "--mhc-log-interval", "-1"], 1, "--mhc-log-interval -1: must be >= 0"),
+    (["--mhc-log-interval", "2"], 1, "--mhc-log-interval 2 logs H_res, which needs --residual-mode hc or mhc"),
+    (["--residual-mode", "mhc", "--recompute-granularity", "selective", "--recompute-modules", "layernorm"], 1,
+     "drop 'layernorm' from --recompute-modules"),
+    (["--residual-mode", "mhc", "--mhc-recompute", "--recompute-granularity", "full", "--recompute-method",
+      "uniform"], 1, "--mhc-recompute together with --recompute-granularity full"),
+    (["--residual-mode", "mhc", "--cuda-graph-impl", "local"], 1, "run without --cuda-graph-impl"),
+    (["--residual-mode", "hc", "--overlap-moe-expert-parallel-comm"], 1, "--overlap-moe-expert-parallel-comm"),
+    (["--residual-mode", "mhc", "--hybrid-layer-pattern", "*M*-", "--num-layers", "4"], 1, "'M' (Mamba)"),
+    (["--residual-mode", "mhc", "--hybrid-layer-pattern", "*-*-/*-", "--num-layers", "4"], 1,
+     "multi-token prediction in the hybrid pattern"),
+    (["--residual-mode", "mhc", "--mhc-recompute", "--hybrid-layer-pattern", "*-*-", "--num-layers", "4"], 1,
+     "--mhc-recompute with HybridModel"),
+    (["--residual-mode", "mhc", "--pipeline-schedule", "dualpipev"], 1,
+     "--pipeline-schedule dualpipev needs --pipeline-model-parallel-size >= 2, got 1"),
+    ([*DUALPIPEV[:-1]], 2, "add --untie-embeddings-and-output-weights"),
+    ([*DUALPIPEV, "--global-batch-size", "2"], 2, "needs at least 4 micro-batches per step"),
+    ([*DUALPIPEV, "--num-layers", "6"], 2, "6 is not a multiple of 4"),
+    ([*DUALPIPEV, "--mtp-num-layers", "1", "--position-embedding-type", "rope"], 2, "drop --mtp-num-layers"),
+    ([*DUALPIPEV, "--hybrid-layer-pattern", "*-*-"], 2, "supports GPTModel only"),
+    ([*DUALPIPEV, "--num-virtual-stages-per-pipeline-rank", "3"], 2, "got --num-virtual-stages-per-pipeline-rank 3"),
+    ([*DUALPIPEV, "--overlap-param-gather", "--use-distributed-optimizer", "--overlap-grad-reduce"], 2,
+     "drop --overlap-param-gather"),
+    (["--residual-mode", "mhc", "--sft"], 1, "--sft needs Megatron-LM's own pretrain_gpt.py"),
+]
+
+
+@pytest.fixture(scope="module")
+def refusals(tmp_path_factory):
+    root = tmp_path_factory.mktemp("refusals")
+    cases = [{"argv": [*TINY_GPT, *extra], "world_size": ws} for extra, ws, _ in REFUSALS]
+    (root / "cases.json").write_text(json.dumps(cases))
+    env = dict(os.environ, PYTHONWARNINGS="ignore", CUDA_DEVICE_MAX_CONNECTIONS="1")
+    proc = subprocess.run([sys.executable, os.path.join(HERE, "refusal_worker.py"), str(root / "cases.json"),
+                           str(root / "results.json")], capture_output=True, text=True, timeout=600, env=env)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    return json.loads((root / "results.json").read_text())
+
+
+@pytest.mark.parametrize("index", range(len(REFUSALS)), ids=[r[2][:40] for r in REFUSALS])
+def test_refused_before_megatron_validates_or_builds(refusals, index):
+    extra, _, message = REFUSALS[index]
+    result = refusals[index]
+    assert result["rc"] == 2, result
+    assert message in result["stderr"], result["stderr"]
+    assert result["stderr"].startswith("mhc-pretrain-gpt: error: --"), result["stderr"]  # names the flag first
+    assert "------------------------ arguments ------------------------" not in result["stdout"]
+    assert not result["megatron_args_set"]
+
+
+def test_every_launch_is_used():
+    """A launch no test reads is wasted CI time."""
+    import test_real_loop
+
+    used = set()
+    for obj in vars(test_real_loop).values():
+        for mark in getattr(obj, "pytestmark", []):
+            if mark.name == "launches":
+                used.update(mark.args)
+    needed = {dep for name in used for dep in LAUNCHES[name].needs}
+    assert set(LAUNCHES) == used | needed, set(LAUNCHES) - used - needed
