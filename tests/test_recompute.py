@@ -133,7 +133,7 @@ def test_selective_megatron_recompute_composes():
 
 
 def test_bad_block_size():
-    with pytest.raises(ValueError, match="'auto' or an integer >= 1, got 0"):
+    with pytest.raises(ValueError, match="recompute_block_size=0: the recompute block size must be 'auto' or an integer >= 1"):
         MHCSettings(mode="mhc", recompute=True, recompute_block_size=0)
 
 

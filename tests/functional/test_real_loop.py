@@ -5,7 +5,7 @@ Every case launches the product as a user does (torchrun, gloo) and compares the
 
 * ``EXACT`` (0): the same computation in the same layout (hooks off vs residual mode, a resume vs
   the uninterrupted run, recompute vs keeping the intermediates);
-* ``LAYOUT`` (2e-5 absolute, on losses near 4.5): another parallel layout of the same model from
+* ``LAYOUT`` (5e-6 absolute, on losses near 4.5): another parallel layout of the same model from
   the same weights; only the order of float32 sums differs (measured: at most 5e-7);
 * ``BF16`` (0.05): bf16 against the float32 run (measured: about 1e-3).
 
@@ -28,12 +28,12 @@ from plan import LAUNCHES, Matrix, uses
 pytestmark = [pytest.mark.functional, pytest.mark.slow]
 
 EXACT = 0.0
-LAYOUT = 2e-5
+LAYOUT = 5e-6
 BF16 = 0.05
 ITERATIONS = list(range(1, 9))
 
 
-WORST: dict[tuple[str, str], float] = {}  # (launch, reference) -> worst |d lm loss|, for the report
+WORST: dict[tuple[str, str], float] = {}  # (launch, reference) -> worst |d lm loss|, printed by conftest.py
 
 
 @pytest.fixture(scope="module")
@@ -48,11 +48,6 @@ def matrix(request, tmp_path_factory):
     m.start(dict.fromkeys(wanted))
     yield m
     m.close()
-    reporter = request.config.pluginmanager.get_plugin("terminalreporter")
-    if reporter is not None and WORST:
-        reporter.write_line("\nreal-loop matrix: worst |d lm loss| per comparison")
-        for (name, reference), worst in sorted(WORST.items()):
-            reporter.write_line(f"  {name:<22} vs {reference:<12} {worst:.3g}")
 
 
 def curve(matrix, name, iterations=ITERATIONS):
