@@ -24,7 +24,7 @@ def build_from_cli(rank, world_size, port, extra_args):
     from mhc_megatron.training.launcher import install_hooks
 
     init_megatron(rank, world_size, port)
-    install_hooks()
+    state = install_hooks()
     from megatron.training.argument_utils import gpt_config_from_args
     from megatron.training.arguments import parse_and_validate_args
 
@@ -37,7 +37,7 @@ def build_from_cli(rank, world_size, port, extra_args):
     loss = model(tokens, positions, mask, labels=labels).float().mean()
     loss.backward()
     return {
-        "settings": model_cfg.transformer.mhc_settings,
+        "settings": state.settings,
         "input_module": type(model.decoder.layers[0].input_layernorm).__name__,
         "final_norm": type(model.decoder.final_layernorm).__name__,
         "loss": loss.item(),
@@ -58,7 +58,7 @@ def dualpipev_from_cli(rank, world_size, port, extra_args):
 
     os.environ.update(WORLD_SIZE=str(world_size), RANK=str(rank))  # what Megatron's parser reads
     init_megatron(rank, world_size, port, pp=world_size, virtual_pipeline_model_parallel_size=2)
-    install_hooks()
+    state = install_hooks()
     from megatron.training.argument_utils import gpt_config_from_args
     from megatron.training.arguments import parse_and_validate_args
 
@@ -90,7 +90,7 @@ def dualpipev_from_cli(rank, world_size, port, extra_args):
         "holds_batch": [gpt_entry._holds_batch(v) for v in (0, 1)],
         "losses": [float(r["lm loss"]) for r in records],
         "executed": [str(op) for op in schedule.last_executed],
-        "post_res_stream": model_cfg.transformer.mhc_settings.post_res_stream,
+        "post_res_stream": state.settings.post_res_stream,
         "grads": sum(p.grad is not None for c in chunks for p in c.parameters()),
         "params": sum(1 for c in chunks for p in c.parameters()),
     }

@@ -73,6 +73,7 @@ def test_settings_defaults_and_upstream_flag_clash():
 
 
 def test_prebuilt_dataset_helpers_skip_the_make_step():
+    from mhc_megatron import hooks
     from mhc_megatron.training.launcher import skip_dataset_helper_compile_if_prebuilt
 
     import megatron.training.initialize as initialize
@@ -82,7 +83,8 @@ def test_prebuilt_dataset_helpers_skip_the_make_step():
         assert skip_dataset_helper_compile_if_prebuilt()  # the wheel ships helpers_cpp, no Makefile
         assert initialize._compile_dependencies is not original
     finally:
-        initialize._compile_dependencies = original
+        hooks.uninstall("dataset-helpers")
+    assert initialize._compile_dependencies is original
 
 
 @pytest.mark.slow

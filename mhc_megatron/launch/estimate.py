@@ -62,23 +62,57 @@ def _free_port() -> int:
 
 
 def build_meta_model(cfg: LaunchConfig):
-    """The whole model, built by Megatron with mHC hooks on the meta device in this process."""
-    import torch
-    import torch.distributed as dist
-    from megatron.core import parallel_state
+    """The whole model, built by Megatron with mHC hooks on the meta device in this process.
 
+    Everything the build changes is undone before it returns: environment variables, ``sys.argv``,
+    Megatron's logger level and global variables, the model-parallel state and process group it
+    created, and the hooks (:mod:`mhc_megatron.hooks`)."""
     if "vocab_size" not in cfg.flags:
         raise ValueError(f"{cfg.path}: validate-config needs model.vocab_size (the tokenizer's vocabulary size)")
-    os.environ.update(WORLD_SIZE="1", RANK="0", LOCAL_RANK="0")
-    if not dist.is_initialized():
-        dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{_free_port()}", rank=0, world_size=1)
-        parallel_state.initialize_model_parallel()
-    from ..training.launcher import apply_schedule_defaults, install_hooks
+    with _single_process_megatron():
+        return _build_meta_model(cfg)
 
-    install_hooks()
+
+@contextlib.contextmanager
+def _single_process_megatron():
+    import logging
+
+    import torch.distributed as dist
+    from megatron.core import parallel_state
+    from megatron.training import global_vars
+
+    saved_env = {k: os.environ.get(k) for k in ("WORLD_SIZE", "RANK", "LOCAL_RANK")}
+    saved_argv = list(sys.argv)
+    logger = logging.getLogger("megatron")
+    saved_level = logger.level
+    created_group = not dist.is_initialized()
+    os.environ.update(WORLD_SIZE="1", RANK="0", LOCAL_RANK="0")
+    logger.setLevel(logging.ERROR)  # its set-up notes would bury the report
+    try:
+        if created_group:
+            dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{_free_port()}", rank=0, world_size=1)
+            parallel_state.initialize_model_parallel()
+        yield
+    finally:
+        global_vars.unset_global_variables()
+        if created_group:
+            parallel_state.destroy_model_parallel()
+            dist.destroy_process_group()
+        logger.setLevel(saved_level)
+        sys.argv = saved_argv
+        for key, value in saved_env.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+
+
+def _build_meta_model(cfg: LaunchConfig):
+    import torch
     from megatron.core.process_groups_config import ProcessGroupCollection
-    from megatron.training.argument_utils import gpt_config_from_args
-    from megatron.training.arguments import parse_and_validate_args
+
+    from .. import hooks
+    from ..training.launcher import LAUNCH_HOOKS, LaunchState, apply_schedule_defaults
 
     argv = cfg.argv(drop=_NOT_FOR_META_BUILD) + [
         "--transformer-impl", "local", "--mock-data", "--tokenizer-type", "NullTokenizer",
@@ -87,25 +121,26 @@ def build_meta_model(cfg: LaunchConfig):
         "--no-bias-swiglu-fusion",
     ]
     sys.argv = ["mhc-megatron validate-config", *apply_schedule_defaults(argv)]
-    import logging
+    with hooks.active(*LAUNCH_HOOKS, context=LaunchState()):
+        from megatron.training.argument_utils import gpt_config_from_args
+        from megatron.training.arguments import parse_and_validate_args
 
-    logging.getLogger("megatron").setLevel(logging.ERROR)  # its set-up notes would bury the report
-    err = io.StringIO()
-    try:
-        with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(err):
-            args = parse_and_validate_args()
-    except SystemExit:
-        raise ValueError(f"{cfg.path}: Megatron's parser rejects the flags: {err.getvalue().strip().splitlines()[-1]}") from None
-    except AssertionError as e:
-        raise ValueError(f"{cfg.path}: Megatron rejects the configuration: {e}") from None
-    try:
-        model_cfg = gpt_config_from_args(args)
-        _portable_core_attention(model_cfg)
-        builder = model_cfg.get_builder_cls()(model_cfg)
-        with torch.device("meta"), _cuda_device_is_meta(), contextlib.redirect_stdout(io.StringIO()):
-            return builder.build_model(ProcessGroupCollection.use_mpu_process_groups(), pre_process=True, post_process=True)
-    except AssertionError as e:
-        raise ValueError(f"{cfg.path}: megatron-core cannot build this model: {e}") from None
+        err = io.StringIO()
+        try:
+            with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(err):
+                args = parse_and_validate_args()
+        except SystemExit:
+            raise ValueError(f"{cfg.path}: Megatron's parser rejects the flags: {err.getvalue().strip().splitlines()[-1]}") from None
+        except AssertionError as e:
+            raise ValueError(f"{cfg.path}: Megatron rejects the configuration: {e}") from None
+        try:
+            model_cfg = gpt_config_from_args(args)
+            _portable_core_attention(model_cfg)
+            builder = model_cfg.get_builder_cls()(model_cfg)
+            with torch.device("meta"), hooks.active("meta-device-build"), contextlib.redirect_stdout(io.StringIO()):
+                return builder.build_model(ProcessGroupCollection.use_mpu_process_groups(), pre_process=True, post_process=True)
+        except AssertionError as e:
+            raise ValueError(f"{cfg.path}: megatron-core cannot build this model: {e}") from None
 
 
 def _portable_core_attention(model_cfg) -> None:
@@ -118,21 +153,6 @@ def _portable_core_attention(model_cfg) -> None:
     if callable(spec):
         model_cfg.transformer_layer_spec = lambda cfg, vp_stage=None: with_core_attention(
             spec(cfg, vp_stage=vp_stage), SDPACoreAttention)
-
-
-@contextlib.contextmanager
-def _cuda_device_is_meta():
-    """A few megatron-core constructors (MoE router, MLA's rotary embedding) place tensors on
-    ``torch.cuda.current_device()`` explicitly; while the meta model is built, that is the meta
-    device, so the build needs no GPU and allocates nothing."""
-    import torch
-
-    original = torch.cuda.current_device
-    torch.cuda.current_device = lambda: "meta"
-    try:
-        yield
-    finally:
-        torch.cuda.current_device = original
 
 
 def count_parameters(model, cfg: LaunchConfig) -> ParameterCounts:

@@ -169,9 +169,7 @@ def configure_pipeline(config, settings: MHCSettings) -> None:
     ``get_tensor_shapes``, the interleaved schedule's inline shape). With
     ``config.variable_seq_lengths`` its p2p layer sends each message's shape first (three int64s)
     and sizes the buffer from that, so ``[s, b, n*hidden_size]`` arrives whole. The sequence length
-    stays fixed; only the hand-shake is used. Also records ``config.mhc_settings``, from which
-    the DualPipeV schedule sizes its stage tensors. No-op without hc/mhc or pipeline parallelism.
+    stays fixed; only the hand-shake is used. No-op without hc/mhc or pipeline parallelism.
     """
-    config.mhc_settings = settings
     if settings.enabled and (getattr(config, "pipeline_model_parallel_size", 1) or 1) > 1:
         config.variable_seq_lengths = True

@@ -191,6 +191,14 @@ class MHCSublayerOutput(torch.nn.Module):
         return x.flatten(-2)
 
 
+def streams_of(models) -> int:
+    """The number of residual streams n the built model (chunks) carries: 1 without mHC/HC modules."""
+    found = {m.n for model in models for m in model.modules() if isinstance(m, (MHCSublayerInput, MHCStreamContraction))}
+    if len(found) > 1:
+        raise ValueError(f"the model chunks mix expansion rates {sorted(found)}")
+    return found.pop() if found else 1
+
+
 class MHCStreamContraction(MegatronModule):
     """Final-norm slot: contract the n streams (mean or sum), then the original final norm."""
 

@@ -176,6 +176,10 @@ class DualPipeV:
         self.last_stage = self.place.num_stages - 1
         self.peers = dist.get_process_group_ranks(pp_group)
         self.groups = _channels(pp_group)
+        if expansion_rate is None:
+            from ..mcore.sublayer import streams_of
+
+            expansion_rate = streams_of(self.chunks)
         self.shape = stage_tensor_shape(config, seq_length, micro_batch_size, expansion_rate)
         self.dtype = config.pipeline_dtype or torch.float32
         self.device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
@@ -401,11 +405,8 @@ def chunk_iterators(data_iterator) -> list:
     return [shared.way_down(), shared.way_up()]
 
 
-def stage_tensor_shape(config, seq_length: int, micro_batch_size: int, expansion_rate: int | None = None) -> tuple:
+def stage_tensor_shape(config, seq_length: int, micro_batch_size: int, expansion_rate: int) -> tuple:
     """``[seq, micro-batch, n*hidden]``: what crosses a stage boundary (seq split by CP, and by TP under SP)."""
-    if expansion_rate is None:
-        settings = getattr(config, "mhc_settings", None)
-        expansion_rate = settings.expansion_rate if settings is not None and settings.enabled else 1
     seq = seq_length // (config.context_parallel_size or 1)
     if config.sequence_parallel:
         seq //= config.tensor_model_parallel_size

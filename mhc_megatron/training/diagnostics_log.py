@@ -2,7 +2,7 @@
 
 Every N iterations the coefficient modules record ``H_res`` of a fixed token subset during the
 step's first forward pass (hooks on the modules, attached through the model config's
-``post_wrap_hooks``). Megatron's ``training_log`` is wrapped: after it has run (on every rank,
+``post_wrap_hooks``). Megatron's ``training_log`` is wrapped (hook ``diagnostics-log``): after it has run (on every rank,
 outside the pipeline schedule, so a collective there cannot deadlock), the pipeline ranks gather
 their layers' matrices and the rank that owns the writers logs
 
@@ -63,7 +63,6 @@ class MHCDiagnosticsLog:
                 self.flush(iteration)
             return result
 
-        training_log_with_mhc.__wrapped_by_mhc__ = training_log
         return training_log_with_mhc
 
     def flush(self, iteration: int) -> dict | None:
@@ -109,14 +108,15 @@ class MHCDiagnosticsLog:
         return out
 
 
-def install_diagnostics_log(interval: int, model_cfg) -> MHCDiagnosticsLog:
-    """Attach the logger to the models ``model_cfg`` builds and wrap Megatron's ``training_log``."""
-    import megatron.training.training as training
+def attach_diagnostics_log(interval: int, model_cfg) -> MHCDiagnosticsLog:
+    """Attach the logger to the models ``model_cfg`` builds (its ``post_wrap_hooks``) and install
+    hook ``diagnostics-log`` around Megatron's ``training_log``."""
+    from .. import hooks
 
     log = MHCDiagnosticsLog(interval)
     model_cfg.post_wrap_hooks = [*model_cfg.post_wrap_hooks, log.attach]
-    original = getattr(training.training_log, "__wrapped_by_mhc__", training.training_log)
-    training.training_log = log.wrap_training_log(original)
+    hooks.uninstall("diagnostics-log")  # a logger of an earlier launch in this process
+    hooks.install("diagnostics-log", log)
     return log
 
 

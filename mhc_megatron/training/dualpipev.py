@@ -1,11 +1,12 @@
 """megatron.training glue for ``--pipeline-schedule dualpipev``.
 
-Three hooks, all through public seams of megatron.training:
+Three pieces:
 
-- the model config's ``builder`` (a dotted class path) becomes :class:`DualPipeVGPTModelBuilder`,
-  which builds chunk 0 and chunk 1 of a rank as stages r and 2P-1-r of the V;
-- ``megatron.training.training.get_forward_backward_func`` returns
-  :func:`forward_backward_dualpipev`, which runs the schedule and hands the loss records to the
+- the model config becomes a :class:`DualPipeVGPTModelConfig`, whose ``builder`` (megatron.training's
+  declared seam, a class variable naming the builder) is :class:`DualPipeVGPTModelBuilder`, which
+  builds chunk 0 and chunk 1 of a rank as stages r and 2P-1-r of the V;
+- hook ``dualpipev-schedule`` (:mod:`mhc_megatron.hooks`): ``megatron.training.training.get_forward_backward_func``
+  returns :func:`forward_backward_dualpipev`, which runs the schedule and hands the loss records to the
   last pipeline rank, where Megatron's training loop reads and logs them;
 - the built-in entry's batch loader (:mod:`.gpt_entry`) asks :func:`stage_ends` what each chunk
   reads: chunk 0 of pipeline rank 0 the tokens, its chunk 1 the labels, nothing elsewhere.
@@ -14,10 +15,13 @@ Three hooks, all through public seams of megatron.training:
 from __future__ import annotations
 
 import contextlib
+import copy
+import dataclasses
+from typing import ClassVar
 
 import torch.distributed as dist
 from megatron.core import parallel_state
-from megatron.training.models.gpt import GPTModelBuilder
+from megatron.training.models.gpt import GPTModelBuilder, GPTModelConfig
 
 from ..pipeline.dualpipev import DualPipeV, check_dualpipev_config, chunk_pg_collection, chunk_placements
 
@@ -28,12 +32,23 @@ SCHEDULES = ("default", "dualpipev")
 def _pipeline_rank_seen_as(rank: int):
     """megatron-core's own override of the pipeline rank, set while one chunk is built, so
     every rank-dependent choice (layer offset, per-layer MoE pattern, recompute blocks) is the
-    V's stage's."""
+    V's stage's; the previous override comes back afterwards."""
+    previous = parallel_state._MPU_PIPELINE_MODEL_PARALLEL_RANK  # no public getter for the override itself
     parallel_state.set_pipeline_model_parallel_rank(rank)
     try:
         yield
     finally:
-        parallel_state.set_pipeline_model_parallel_rank(None)
+        parallel_state.set_pipeline_model_parallel_rank(previous)
+
+
+def _unmirror(model, mirrored_collection, real_group) -> None:
+    """The built chunk keeps the real pipeline group: the mirrored view only steers construction."""
+    mirror = mirrored_collection.pp
+    mirrored_collection.pp = real_group
+    for module in model.modules():
+        for name, value in vars(module).items():
+            if value is mirror:
+                setattr(module, name, real_group)
 
 
 class DualPipeVGPTModelBuilder(GPTModelBuilder):
@@ -45,31 +60,41 @@ class DualPipeVGPTModelBuilder(GPTModelBuilder):
             raise ValueError(f"DualPipeV builds chunks 0 and 1 of a rank, got vp_stage={vp_stage}")
         pp = pg_collection.pp
         place = chunk_placements(pp.rank(), pp.size())[vp_stage]
+        collection = chunk_pg_collection(pg_collection, place)
         with _pipeline_rank_seen_as(place.pp_rank):
-            return super().build_model(
-                chunk_pg_collection(pg_collection, place),
-                pre_process=place.pre_process,
-                post_process=place.post_process,
-                vp_stage=vp_stage,
+            model = super().build_model(
+                collection, pre_process=place.pre_process, post_process=place.post_process, vp_stage=vp_stage,
             )
+        if collection is not pg_collection:
+            _unmirror(model, collection, pp)
+        return model
 
 
-def use_dualpipev(model_cfg) -> None:
-    """Check ``model_cfg`` (a ``GPTModelConfig``) for DualPipeV and make it build V chunks."""
+@dataclasses.dataclass(kw_only=True)
+class DualPipeVGPTModelConfig(GPTModelConfig):
+    """A ``GPTModelConfig`` whose builder places the chunks as the V (no fields of its own)."""
+
+    builder: ClassVar[str] = f"{DualPipeVGPTModelBuilder.__module__}.{DualPipeVGPTModelBuilder.__qualname__}"
+
+
+def use_dualpipev(model_cfg) -> DualPipeVGPTModelConfig:
+    """``model_cfg`` (a ``GPTModelConfig``), checked for DualPipeV, as a config that builds V chunks."""
     check_dualpipev_config(model_cfg.transformer)
     if model_cfg.share_embeddings_and_output_weights and model_cfg.transformer.pipeline_model_parallel_size > 1:
         raise ValueError(
             "DualPipeV keeps the embedding (chunk 0) and the output layer (chunk 1) as two chunks of "
             "rank 0 and does not tie their weights: add --untie-embeddings-and-output-weights"
         )
-    model_cfg.builder = f"{DualPipeVGPTModelBuilder.__module__}.{DualPipeVGPTModelBuilder.__qualname__}"
+    dual = copy.copy(model_cfg)
+    # same fields, only the builder differs; object.__setattr__ because GPTModelConfig forwards
+    # attribute writes to its TransformerConfig
+    object.__setattr__(dual, "__class__", DualPipeVGPTModelConfig)
+    return dual
 
 
-def install_schedule() -> None:
-    """Make Megatron's training loop run DualPipeV."""
-    import megatron.training.training as training
-
-    training.get_forward_backward_func = lambda *args, **kwargs: forward_backward_dualpipev
+def get_forward_backward_func(*args, **kwargs):
+    """What hook ``dualpipev-schedule`` puts in place of megatron.training's own function."""
+    return forward_backward_dualpipev
 
 
 def stage_ends(vp_stage) -> tuple[bool, bool]:

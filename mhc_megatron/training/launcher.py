@@ -2,10 +2,12 @@
 
     mhc-pretrain-gpt <the usual Megatron-LM GPT arguments> --residual-mode mhc --expansion-rate 4
 
-How it plugs in (the hooks are listed in docs/megatron.md):
+How it plugs in (through the hooks of :mod:`mhc_megatron.hooks`, installed for the launch and
+removed when it returns; listed in docs/megatron.md):
 
 1. ``megatron.training.arguments.parse_and_validate_args`` gains our flags (chained after any
-   ``extra_args_provider`` the entry script passes) and validates them;
+   ``extra_args_provider`` the entry script passes) and refuses what the command line decides
+   before Megatron validates and prints;
 2. ``megatron.training.argument_utils.gpt_config_from_args`` returns a config whose layer spec
    is the mHC block spec (:func:`~mhc_megatron.training.model_config.apply_mhc_to_gpt_config`);
    ``hybrid_config_from_args`` likewise gives HybridModel (``--hybrid-layer-pattern``) its mHC stack spec;
@@ -27,6 +29,7 @@ import runpy
 import sys
 from dataclasses import dataclass
 
+from .. import hooks
 from .arguments import add_mhc_arguments, chain_args_providers, mhc_settings_from_args
 from .checks import check_launch_args
 from .model_config import apply_mhc_to_gpt_config, apply_mhc_to_hybrid_config
@@ -35,23 +38,30 @@ PROG = "mhc-pretrain-gpt"
 
 
 @dataclass
-class _LaunchState:
+class LaunchState:
+    """What the launcher's hooks share during one launch."""
+
     settings: object = None
     diagnostics: object = None
     builtin_entry: bool = True  # False: a Megatron-LM checkout's pretrain_gpt.py runs
 
 
-def install_hooks(builtin_entry: bool = True) -> _LaunchState:
-    """Wrap Megatron's argument parsing and model-config functions (idempotent)."""
-    import megatron.training.argument_utils as argument_utils
-    import megatron.training.arguments as arguments
+LAUNCH_HOOKS = ("arguments", "gpt-config", "hybrid-config")  # mhc_megatron.hooks entries
 
-    state = _LaunchState(builtin_entry=builtin_entry)
-    parse = getattr(arguments.parse_and_validate_args, "__wrapped_by_mhc__", arguments.parse_and_validate_args)
-    gpt_config = getattr(argument_utils.gpt_config_from_args, "__wrapped_by_mhc__", argument_utils.gpt_config_from_args)
-    hybrid_config = getattr(
-        argument_utils.hybrid_config_from_args, "__wrapped_by_mhc__", argument_utils.hybrid_config_from_args
-    )
+
+def install_hooks(builtin_entry: bool = True) -> LaunchState:
+    """Install the launcher's hooks for a fresh launch (replacing an earlier launch's); the
+    launcher's ``main`` removes them again, others call :func:`mhc_megatron.hooks.uninstall`."""
+    state = LaunchState(builtin_entry=builtin_entry)
+    for name in LAUNCH_HOOKS:
+        hooks.uninstall(name)
+        hooks.install(name, state)
+    return state
+
+
+def parse_and_validate_args_hook(parse, state: LaunchState):
+    """Hook ``arguments``: Megatron's ``parse_and_validate_args`` with our flags and early refusals."""
+    import megatron.training.arguments as arguments
 
     def parse_and_validate_args(extra_args_provider=None, ignore_unknown_args=False, args_defaults={}):
         provider = chain_args_providers(extra_args_provider, add_mhc_arguments, escape_help_percent_signs)
@@ -61,38 +71,40 @@ def install_hooks(builtin_entry: bool = True) -> _LaunchState:
         state.settings = mhc_settings_from_args(args)
         announce(args, state.settings)
         if args.pipeline_schedule == "dualpipev":
-            from .dualpipev import install_schedule
-
-            install_schedule()
+            hooks.install("dualpipev-schedule")
         return args
+
+    return parse_and_validate_args
+
+
+def gpt_config_hook(gpt_config, state: LaunchState):
+    """Hook ``gpt-config``: Megatron's GPT model config, made to build mHC layers."""
 
     def gpt_config_from_args(args, *rest, **kwargs):
         model_cfg = gpt_config(args, *rest, **kwargs)
-        model_cfg = apply_mhc_to_gpt_config(model_cfg, state.settings or mhc_settings_from_args(args))
+        settings = state.settings or mhc_settings_from_args(args)
+        model_cfg = apply_mhc_to_gpt_config(model_cfg, settings)
         if getattr(args, "pipeline_schedule", "default") == "dualpipev":
             from .dualpipev import use_dualpipev
 
-            use_dualpipev(model_cfg)
-        if getattr(args, "mhc_log_interval", 0) and model_cfg.transformer.mhc_settings.enabled:
-            from .diagnostics_log import install_diagnostics_log
+            model_cfg = use_dualpipev(model_cfg)
+        if getattr(args, "mhc_log_interval", 0) and settings.enabled:
+            from .diagnostics_log import attach_diagnostics_log
 
-            state.diagnostics = install_diagnostics_log(args.mhc_log_interval, model_cfg)
+            state.diagnostics = attach_diagnostics_log(args.mhc_log_interval, model_cfg)
         return model_cfg
+
+    return gpt_config_from_args
+
+
+def hybrid_config_hook(hybrid_config, state: LaunchState):
+    """Hook ``hybrid-config``: Megatron's HybridModel config, made to build mHC layers."""
 
     def hybrid_config_from_args(args, *rest, **kwargs):
         settings = state.settings or mhc_settings_from_args(args)
         return apply_mhc_to_hybrid_config(hybrid_config(args, *rest, **kwargs), settings)
 
-    for fn, original in (
-        (parse_and_validate_args, parse),
-        (gpt_config_from_args, gpt_config),
-        (hybrid_config_from_args, hybrid_config),
-    ):
-        fn.__wrapped_by_mhc__ = original
-    arguments.parse_and_validate_args = parse_and_validate_args
-    argument_utils.gpt_config_from_args = gpt_config_from_args
-    argument_utils.hybrid_config_from_args = hybrid_config_from_args
-    return state
+    return hybrid_config_from_args
 
 
 def announce(args, settings) -> None:
@@ -120,9 +132,8 @@ def escape_help_percent_signs(parser: argparse.ArgumentParser) -> argparse.Argum
 
 def skip_dataset_helper_compile_if_prebuilt() -> bool:
     """The wheel has the compiled dataset helpers but no Makefile, so Megatron's
-    ``_compile_dependencies`` (``make -C megatron/core/datasets``) would exit the job."""
-    import megatron.training.initialize as initialize
-
+    ``_compile_dependencies`` (``make -C megatron/core/datasets``) would exit the job: hook
+    ``dataset-helpers``."""
     try:
         from megatron.core.datasets import helpers_cpp  # noqa: F401
     except ImportError:
@@ -130,11 +141,7 @@ def skip_dataset_helper_compile_if_prebuilt() -> bool:
     makefile = os.path.join(os.path.dirname(helpers_cpp.__file__), "Makefile")
     if os.path.exists(makefile):
         return False
-
-    def _compile_dependencies():
-        print("> dataset index builder: using the prebuilt megatron.core.datasets.helpers_cpp", flush=True)
-
-    initialize._compile_dependencies = _compile_dependencies
+    hooks.install("dataset-helpers")
     return True
 
 
@@ -180,22 +187,27 @@ def main(argv: list[str] | None = None) -> int:
     launcher, megatron_argv = _split_launcher_args(argv)
     if "-h" in megatron_argv or "--help" in megatron_argv:
         _print_help_header()
-    install_hooks(builtin_entry=not launcher.megatron_lm)
+    state = LaunchState(builtin_entry=not launcher.megatron_lm)
     try:
-        sys.argv = [PROG, *apply_schedule_defaults(megatron_argv)]
-        if launcher.megatron_lm:
-            name = "pretrain_hybrid.py" if "--hybrid-layer-pattern" in megatron_argv else "pretrain_gpt.py"
-            script = os.path.join(launcher.megatron_lm, name)
-            if not os.path.isfile(script):
-                raise ValueError(f"--megatron-lm {launcher.megatron_lm}: no {name} there")
-            sys.path.insert(0, os.path.abspath(launcher.megatron_lm))
-            runpy.run_path(script, run_name="__main__")
-        else:
-            _run_builtin_entry()
+        with hooks.active(*LAUNCH_HOOKS, context=state):
+            _launch(launcher, megatron_argv)
     except ValueError as err:
         print(f"{PROG}: error: {err}", file=sys.stderr)
         return 2
     return 0
+
+
+def _launch(launcher, megatron_argv: list[str]) -> None:
+    sys.argv = [PROG, *apply_schedule_defaults(megatron_argv)]
+    if launcher.megatron_lm:
+        name = "pretrain_hybrid.py" if "--hybrid-layer-pattern" in megatron_argv else "pretrain_gpt.py"
+        script = os.path.join(launcher.megatron_lm, name)
+        if not os.path.isfile(script):
+            raise ValueError(f"--megatron-lm {launcher.megatron_lm}: no {name} there")
+        sys.path.insert(0, os.path.abspath(launcher.megatron_lm))
+        runpy.run_path(script, run_name="__main__")
+    else:
+        _run_builtin_entry()
 
 
 def _run_builtin_entry() -> None:

@@ -27,12 +27,8 @@ def _residual_spec(base, model_cfg, vp_stage):
 
 def apply_mhc_to_gpt_config(model_cfg, settings: MHCSettings):
     """Make ``model_cfg`` (a ``GPTModelConfig``) build mHC/HC layers; residual mode: unchanged.
-
-    The settings are also left on the transformer config as ``mhc_settings`` for the parts of
-    the plugin that only see the config (pipeline shapes, diagnostics).
     """
     transformer = model_cfg.transformer
-    transformer.mhc_settings = settings
     if not settings.enabled:
         return model_cfg
     configure_pipeline(transformer, settings)
@@ -65,7 +61,6 @@ def apply_mhc_to_hybrid_config(model_cfg, settings: MHCSettings):
     from ..mcore.hybrid import mhc_hybrid_stack_spec
 
     transformer = model_cfg.transformer
-    transformer.mhc_settings = settings
     if not settings.enabled:
         return model_cfg
     if not model_cfg.hybrid_layer_pattern:
