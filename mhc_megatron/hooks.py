@@ -2,7 +2,8 @@
 
 Each change is a named :class:`Hook`: the attribute it replaces, what the replacement does, why it
 is needed, since which megatron-core version, and how it is undone (the original object is put
-back). Hooks are installed and removed as a unit (:func:`active`), each install is idempotent, and
+back). Hooks are installed and removed as a unit (:func:`active`), each install is idempotent, two
+hooks of one attribute are never installed together, and
 nothing else in the package assigns to a Megatron attribute (``tests/test_hooks.py`` checks the
 source). The table in ``docs/megatron.md`` is :func:`table`'s output (tested).
 
@@ -46,6 +47,12 @@ def _dualpipev_schedule(original, context):
     from .training.dualpipev import get_forward_backward_func
 
     return get_forward_backward_func
+
+
+def _stream_shapes(original, context):
+    from .pipeline.stream_shapes import get_forward_backward_func_hook
+
+    return get_forward_backward_func_hook(original, context)
 
 
 def _training_log(original, context):
@@ -96,6 +103,14 @@ HOOKS: tuple[Hook, ...] = (
         when="--pipeline-schedule dualpipev",
     ),
     Hook(
+        "pipeline-stream-shapes", "megatron.training.training:get_forward_backward_func",
+        "wraps the schedule it returns (1F1B, interleaved) so that, when the caller brings no "
+        "communicator, the schedule gets a P2PCommunicator whose receive buffers are [s, b, n*hidden]",
+        "megatron.training calls its schedules without a communicator of its own; the alternative, "
+        "variable_seq_lengths, synchronises the device on every stage exchange", "0.19.0", _stream_shapes,
+        when="hc/mhc with --pipeline-model-parallel-size > 1 and Megatron's schedules",
+    ),
+    Hook(
         "diagnostics-log", "megatron.training.training:training_log",
         "runs Megatron's training_log, then gathers the recorded H_res over the pipeline and writes "
         "the mhc/* scalars through Megatron's TensorBoard/W&B writers",
@@ -119,6 +134,9 @@ def install(name: str, context=None) -> None:
     if name in _installed:
         return
     hook = BY_NAME[name]
+    clash = [n for n in _installed if BY_NAME[n].target == hook.target]
+    if clash:
+        raise RuntimeError(f"mhc-megatron hooks {name!r} and {clash[0]!r} both replace {hook.target}; install one")
     owner, attribute = hook.owner_and_attribute()
     original = getattr(owner, attribute)
     ours = hook.make(original, context)

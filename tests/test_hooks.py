@@ -23,20 +23,27 @@ class _Log:
         return lambda *a, **k: original(*a, **k)
 
 
-def test_every_hook_installs_idempotently_and_uninstalls_to_megatrons_original():
+EXCLUSIVE = ("dualpipev-schedule", "pipeline-stream-shapes")  # both replace get_forward_backward_func
+
+
+@pytest.mark.parametrize("schedule_hook", EXCLUSIVE)
+def test_every_hook_installs_idempotently_and_uninstalls_to_megatrons_original(schedule_hook):
     from mhc_megatron.training.launcher import LaunchState
 
-    originals = {h.name: _current(h) for h in hooks.HOOKS}
-    contexts = {"diagnostics-log": _Log()}
+    names = [h.name for h in hooks.HOOKS if h.name not in EXCLUSIVE or h.name == schedule_hook]
+    originals = {n: _current(hooks.BY_NAME[n]) for n in names}
     assert hooks.installed() == []
-    with hooks.active(*[h.name for h in hooks.HOOKS if h.name != "diagnostics-log"], context=LaunchState()):
-        hooks.install("diagnostics-log", contexts["diagnostics-log"])
-        replaced = {h.name: _current(h) for h in hooks.HOOKS}
-        assert all(replaced[n] is not originals[n] for n in originals), "a hook that changes nothing"
+    with hooks.active(*[n for n in names if n != "diagnostics-log"], context=LaunchState()):
+        hooks.install("diagnostics-log", _Log())
+        replaced = {n: _current(hooks.BY_NAME[n]) for n in names}
+        assert all(replaced[n] is not originals[n] for n in names), "a hook that changes nothing"
         hooks.install("arguments", LaunchState())  # idempotent: the installed one stays
         assert _current(hooks.BY_NAME["arguments"]) is replaced["arguments"]
-        assert all(hooks.original(n) is originals[n] for n in originals)
-        assert sorted(hooks.installed()) == sorted(originals)
+        assert all(hooks.original(n) is originals[n] for n in names)
+        assert sorted(hooks.installed()) == sorted(names)
+        other = next(n for n in EXCLUSIVE if n != schedule_hook)
+        with pytest.raises(RuntimeError, match="both replace"):
+            hooks.install(other)
     assert hooks.installed() == []
     for name, original in originals.items():
         assert _current(hooks.BY_NAME[name]) is original, name

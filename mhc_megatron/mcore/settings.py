@@ -142,9 +142,7 @@ def check_transformer_config(config, settings: MHCSettings, *, stage_shapes: boo
             "the inference-optimized layers (they fuse the residual add into the projections)",
             "use --transformer-impl local or transformer_engine",
         )
-    if stage_shapes and (getattr(config, "pipeline_model_parallel_size", 1) or 1) > 1 and not getattr(
-        config, "variable_seq_lengths", False
-    ):
+    if stage_shapes and (getattr(config, "pipeline_model_parallel_size", 1) or 1) > 1 and not pipeline_shapes_handled(config):
         refuse(
             f"pipeline parallelism (pipeline_model_parallel_size={config.pipeline_model_parallel_size}) "
             "with fixed pipeline shapes: Megatron's schedules size the stage buffers with hidden_size, "
@@ -162,14 +160,24 @@ def check_transformer_config(config, settings: MHCSettings, *, stage_shapes: boo
         refuse("heterogeneous block specs", "use a homogeneous GPT layer spec")
 
 
+def pipeline_shapes_handled(config) -> bool:
+    """Whether Megatron's schedules will size stage buffers for the n-stream residual: the shape
+    hand-shake of ``variable_seq_lengths``, or hook ``pipeline-stream-shapes`` (the launcher's)."""
+    from .. import hooks
+
+    return bool(getattr(config, "variable_seq_lengths", False)) or "pipeline-stream-shapes" in hooks.installed()
+
+
 def configure_pipeline(config, settings: MHCSettings) -> None:
     """Let Megatron's pipeline schedules carry the n-stream residual between stages.
 
     Megatron sizes the receive buffers of stage-to-stage messages as ``[s, b, hidden_size]`` (1F1B's
-    ``get_tensor_shapes``, the interleaved schedule's inline shape). With
-    ``config.variable_seq_lengths`` its p2p layer sends each message's shape first (three int64s)
-    and sizes the buffer from that, so ``[s, b, n*hidden_size]`` arrives whole. The sequence length
-    stays fixed; only the hand-shake is used. No-op without hc/mhc or pipeline parallelism.
+    ``get_tensor_shapes``, the interleaved schedule's inline shape). ``mhc-pretrain-gpt`` hands its
+    schedules a communicator with n-times-wider buffers (hook ``pipeline-stream-shapes``,
+    :mod:`mhc_megatron.pipeline.stream_shapes`), and this function leaves the config alone. For
+    other callers of Megatron's schedules it sets ``config.variable_seq_lengths``: Megatron's p2p
+    layer then sends each message's shape first and sizes the buffer from it, at the price of a
+    device synchronisation and a host read per exchange. No-op without hc/mhc or pipeline parallelism.
     """
-    if settings.enabled and (getattr(config, "pipeline_model_parallel_size", 1) or 1) > 1:
+    if settings.enabled and (getattr(config, "pipeline_model_parallel_size", 1) or 1) > 1 and not pipeline_shapes_handled(config):
         config.variable_seq_lengths = True

@@ -72,6 +72,8 @@ def parse_and_validate_args_hook(parse, state: LaunchState):
         announce(args, state.settings)
         if args.pipeline_schedule == "dualpipev":
             hooks.install("dualpipev-schedule")
+        elif state.settings.enabled and args.pipeline_model_parallel_size > 1:
+            hooks.install("pipeline-stream-shapes")
         return args
 
     return parse_and_validate_args

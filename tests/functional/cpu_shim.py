@@ -31,6 +31,9 @@ MoE router's ``gating``, the sequence-parallel gather/scatter mappings, MTP's lo
 multi-latent attention (``k_channels``/``v_channels``, which megatron-core's local
 ``DotProductAttention`` does not take) is the product's portable ``SDPACoreAttention``.
 
+One check: Megatron's pipeline shape hand-shake (``P2PCommunicator._communicate_shapes``, used with
+``variable_seq_lengths``) raises, so a launch that falls back to it fails.
+
 Environment: ``TORCHDYNAMO_DISABLE=1`` (Megatron's JIT warm-up and ``torch.compile``'d pieces need a
 compiler toolchain for CUDA). The launching entry initialises gloo before ``pretrain()``, which then
 skips its own NCCL initialisation.
@@ -246,6 +249,18 @@ def _portable_mla_core_attention() -> None:
     gpt.MCoreDotProductAttention = CoreAttention
 
 
+def _forbid_shape_handshakes() -> None:
+    """A check, not a redirection: Megatron's per-message shape hand-shake (``variable_seq_lengths``,
+    a device sync and a host read per stage exchange) must not happen; mhc-pretrain-gpt's
+    communicator knows the n-stream shapes in advance."""
+    from megatron.core.pipeline_parallel.p2p_communication import P2PCommunicator
+
+    def _communicate_shapes(self, *args, **kwargs):
+        raise AssertionError("[cpu-shim] a pipeline shape hand-shake ran (variable_seq_lengths)")
+
+    P2PCommunicator._communicate_shapes = _communicate_shapes
+
+
 def _patch_megatron_core() -> None:
     import sys
 
@@ -257,6 +272,7 @@ def _patch_megatron_core() -> None:
     cpu_redirections()
     _sequence_parallel_torch_norm()
     _portable_mla_core_attention()
+    _forbid_shape_handshakes()
 
 
 _MODE: CudaToCpu | None = None
