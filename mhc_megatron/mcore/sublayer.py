@@ -70,6 +70,10 @@ class MHCSublayerInput(MegatronModule):
             and ``position`` its index in the block.
     """
 
+    #: Megatron-LM main (megatron-core 0.20) unpacks a norm's ``(output, residual)`` pair only when
+    #: the norm declares it; 0.19 unpacks any tuple. We always return the pair.
+    returns_residual = True
+
     def __init__(
         self,
         config,
