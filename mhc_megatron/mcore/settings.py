@@ -6,7 +6,14 @@ import dataclasses
 import math
 from dataclasses import dataclass
 
-from ..ops import check_expansion_rate, check_iters
+from ..ops import (
+    DROPOUT_PLACEMENTS,
+    EPS_PLACEMENTS,
+    INIT_SCHEMES,
+    SINKHORN_ORDERS,
+    check_expansion_rate,
+    check_iters,
+)
 from ..ops._backend import BACKENDS
 
 RESIDUAL_MODES = ("residual", "hc", "mhc")
@@ -34,6 +41,20 @@ class MHCSettings:
         blocks of ``recompute_block_size`` sublayers (``"auto"``: the L_r* formula, per stage).
     post_res_stream: run the MLP sublayer's post+residual kernel on a dedicated high-priority
         CUDA stream (the paper's DualPipe setting; no effect on CPU).
+
+    Numerics of upstream Megatron-LM's mHC, to continue a converted checkpoint with the same
+    maths (docs/megatron.md compares the two); the defaults are ours:
+
+    sinkhorn_order: ``cols-first`` (the paper's and DeepSeek's released code's order) or
+        ``rows-first`` (upstream's, with its 1e-6 clamp on the sums); mhc only.
+    norm_eps_placement: ``inside-sqrt`` (``rsqrt(mean(v^2) + eps)``) or ``outside``
+        (upstream's ``1 / (rms + eps)``); mhc only.
+    dropout: ``shared`` (one mask on the sublayer output, shared by the n streams) or
+        ``per-stream`` (upstream's: dropout of the expanded ``H_post^T · F``).
+    init: ``ours`` or ``upstream`` (xavier phi, zero biases: H_pre = 1/2); mhc only.
+
+    The first three run in the PyTorch reference ops only: with ``backend`` ``triton`` (or
+    ``auto`` on a machine with CUDA) they are refused here, naming ``--mhc-kernels reference``.
     """
 
     mode: str = "residual"
@@ -48,6 +69,10 @@ class MHCSettings:
     recompute: bool = False
     recompute_block_size: int | str = "auto"
     post_res_stream: bool = False
+    sinkhorn_order: str = "cols-first"
+    norm_eps_placement: str = "inside-sqrt"
+    dropout: str = "shared"
+    init: str = "ours"
 
     def __post_init__(self):
         if self.mode not in RESIDUAL_MODES:
@@ -72,6 +97,77 @@ class MHCSettings:
         b = self.recompute_block_size
         if b != "auto" and (isinstance(b, bool) or not isinstance(b, int) or b < 1):
             raise ValueError(f"mHC recompute block size must be 'auto' or an integer >= 1, got {b!r}")
+        self._check_upstream_numerics()
+
+    def _check_upstream_numerics(self) -> None:
+        for flag, value, allowed in (
+            ("--mhc-sinkhorn-order", self.sinkhorn_order, SINKHORN_ORDERS),
+            ("--mhc-norm-eps-placement", self.norm_eps_placement, EPS_PLACEMENTS),
+            ("--mhc-dropout", self.dropout, DROPOUT_PLACEMENTS),
+            ("--mhc-init", self.init, INIT_SCHEMES),
+        ):
+            if value not in allowed:
+                raise ValueError(f"{flag} must be one of {', '.join(allowed)}, got {value!r}")
+        if self.mode == "residual":
+            for flag, value, default in (
+                ("--mhc-sinkhorn-order", self.sinkhorn_order, "cols-first"),
+                ("--mhc-norm-eps-placement", self.norm_eps_placement, "inside-sqrt"),
+                ("--mhc-dropout", self.dropout, "shared"),
+                ("--mhc-init", self.init, "ours"),
+            ):
+                if value != default:
+                    raise ValueError(f"{flag} {value} needs --residual-mode mhc (the residual mode has no mHC step)")
+        if self.mode == "hc":
+            for flag, value, default in (
+                ("--mhc-sinkhorn-order", self.sinkhorn_order, "cols-first"),
+                ("--mhc-norm-eps-placement", self.norm_eps_placement, "inside-sqrt"),
+                ("--mhc-init", self.init, "ours"),
+            ):
+                if value != default:
+                    raise ValueError(
+                        f"{flag} {value} applies to --residual-mode mhc (HC has no Sinkhorn and its own "
+                        "per-stream norm and initialisation); drop it or use --residual-mode mhc"
+                    )
+        if self.init == "upstream" and self.res_init_diag != 0.0:
+            raise ValueError(
+                f"--mhc-res-init-diag {self.res_init_diag} belongs to --mhc-init ours (upstream's init "
+                "sets every bias to 0); drop one of them"
+            )
+        if self.dropout == "per-stream" and self.recompute:
+            raise ValueError(
+                "--mhc-dropout per-stream with --mhc-recompute is not supported (the recompute chain "
+                "rebuilds the residual from the sublayer output, not from per-stream masks); drop one"
+            )
+        kernel_free = [
+            f"{flag} {value}"
+            for flag, value, default in (
+                ("--mhc-sinkhorn-order", self.sinkhorn_order, "cols-first"),
+                ("--mhc-norm-eps-placement", self.norm_eps_placement, "inside-sqrt"),
+                ("--mhc-dropout", self.dropout, "shared"),
+            )
+            if value != default
+        ]
+        if kernel_free and self.enabled and self._may_run_triton():
+            raise ValueError(
+                f"{', '.join(kernel_free)}: implemented in the PyTorch reference ops only, not in the "
+                f"Triton kernels that --mhc-kernels {self.backend} runs"
+                + (" on this CUDA machine" if self.backend == "auto" else "")
+                + "; add --mhc-kernels reference"
+            )
+
+    def _may_run_triton(self) -> bool:
+        if self.backend == "triton":
+            return True
+        if self.backend == "auto":
+            import torch
+
+            return torch.cuda.is_available()
+        return False
+
+    @property
+    def upstream_numerics(self) -> bool:
+        """True when every numerics option is upstream Megatron-LM's."""
+        return (self.sinkhorn_order, self.norm_eps_placement, self.dropout) == ("rows-first", "outside", "per-stream")
 
     @property
     def enabled(self) -> bool:
