@@ -18,6 +18,13 @@ from ..ops._backend import BACKENDS
 
 RESIDUAL_MODES = ("residual", "hc", "mhc")
 CONTRACTIONS = ("mean", "sum")
+#: (field, flag, choices with the default first, implemented by the Triton kernels, mhc mode only)
+_NUMERICS_OPTIONS = (
+    ("sinkhorn_order", "--mhc-sinkhorn-order", SINKHORN_ORDERS, False, True),
+    ("norm_eps_placement", "--mhc-norm-eps-placement", EPS_PLACEMENTS, False, True),
+    ("dropout", "--mhc-dropout", DROPOUT_PLACEMENTS, False, False),
+    ("init", "--mhc-init", INIT_SCHEMES, True, True),  # initial values only: any backend
+)
 
 
 @dataclass(frozen=True)
@@ -100,34 +107,21 @@ class MHCSettings:
         self._check_upstream_numerics()
 
     def _check_upstream_numerics(self) -> None:
-        for flag, value, allowed in (
-            ("--mhc-sinkhorn-order", self.sinkhorn_order, SINKHORN_ORDERS),
-            ("--mhc-norm-eps-placement", self.norm_eps_placement, EPS_PLACEMENTS),
-            ("--mhc-dropout", self.dropout, DROPOUT_PLACEMENTS),
-            ("--mhc-init", self.init, INIT_SCHEMES),
-        ):
+        chosen = []  # (flag, value, in the Triton kernels, mhc only) of every non-default choice
+        for field, flag, allowed, in_kernels, mhc_only in _NUMERICS_OPTIONS:
+            value = getattr(self, field)
             if value not in allowed:
                 raise ValueError(f"{flag} must be one of {', '.join(allowed)}, got {value!r}")
-        if self.mode == "residual":
-            for flag, value, default in (
-                ("--mhc-sinkhorn-order", self.sinkhorn_order, "cols-first"),
-                ("--mhc-norm-eps-placement", self.norm_eps_placement, "inside-sqrt"),
-                ("--mhc-dropout", self.dropout, "shared"),
-                ("--mhc-init", self.init, "ours"),
-            ):
-                if value != default:
-                    raise ValueError(f"{flag} {value} needs --residual-mode mhc (the residual mode has no mHC step)")
-        if self.mode == "hc":
-            for flag, value, default in (
-                ("--mhc-sinkhorn-order", self.sinkhorn_order, "cols-first"),
-                ("--mhc-norm-eps-placement", self.norm_eps_placement, "inside-sqrt"),
-                ("--mhc-init", self.init, "ours"),
-            ):
-                if value != default:
-                    raise ValueError(
-                        f"{flag} {value} applies to --residual-mode mhc (HC has no Sinkhorn and its own "
-                        "per-stream norm and initialisation); drop it or use --residual-mode mhc"
-                    )
+            if value != allowed[0]:
+                chosen.append((flag, value, in_kernels, mhc_only))
+        for flag, value, _, mhc_only in chosen:
+            if self.mode == "residual":
+                raise ValueError(f"{flag} {value} needs --residual-mode mhc (the residual mode has no mHC step)")
+            if self.mode == "hc" and mhc_only:
+                raise ValueError(
+                    f"{flag} {value} applies to --residual-mode mhc (HC has no Sinkhorn and its own "
+                    "per-stream norm and initialisation); drop it or use --residual-mode mhc"
+                )
         if self.init == "upstream" and self.res_init_diag != 0.0:
             raise ValueError(
                 f"--mhc-res-init-diag {self.res_init_diag} belongs to --mhc-init ours (upstream's init "
@@ -138,18 +132,10 @@ class MHCSettings:
                 "--mhc-dropout per-stream with --mhc-recompute is not supported (the recompute chain "
                 "rebuilds the residual from the sublayer output, not from per-stream masks); drop one"
             )
-        kernel_free = [
-            f"{flag} {value}"
-            for flag, value, default in (
-                ("--mhc-sinkhorn-order", self.sinkhorn_order, "cols-first"),
-                ("--mhc-norm-eps-placement", self.norm_eps_placement, "inside-sqrt"),
-                ("--mhc-dropout", self.dropout, "shared"),
-            )
-            if value != default
-        ]
-        if kernel_free and self.enabled and self._may_run_triton():
+        reference_only = [f"{flag} {value}" for flag, value, in_kernels, _ in chosen if not in_kernels]
+        if reference_only and self._may_run_triton():
             raise ValueError(
-                f"{', '.join(kernel_free)}: implemented in the PyTorch reference ops only, not in the "
+                f"{', '.join(reference_only)}: implemented in the PyTorch reference ops only, not in the "
                 f"Triton kernels that --mhc-kernels {self.backend} runs"
                 + (" on this CUDA machine" if self.backend == "auto" else "")
                 + "; add --mhc-kernels reference"
