@@ -176,6 +176,13 @@ def check_transformer_config(config, settings: MHCSettings) -> None:
     def refuse(what: str, fix: str) -> None:
         raise ValueError(f"--residual-mode {mode} does not support {what}: {fix}")
 
+    if getattr(config, "enable_mhc_connections", False):  # Megatron-LM main's own mHC (0.20)
+        refuse(
+            "upstream Megatron-LM's own hyper-connections on the same model "
+            "(enable_mhc_connections=True); the two would both widen the residual",
+            "use one of them: drop --enable-mhc-connections, or --residual-mode residual "
+            "(mhc-megatron convert-checkpoint moves checkpoints between the two)",
+        )
     if getattr(config, "cuda_graph_impl", "none") not in (None, "none"):
         refuse(
             f"CUDA graphs (cuda_graph_impl={config.cuda_graph_impl!r}), whose static buffers "
