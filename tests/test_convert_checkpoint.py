@@ -237,3 +237,13 @@ def test_any_layout_on_either_side(tmp_path, save_layout, load_layout):
     a, d = _plain(str(tmp_path / "a")), _plain(str(tmp_path / "d"))
     assert a.keys() == d.keys() and len(a) == 20  # embeddings, 16 layer-stacked, final norm, output layer
     assert all(torch.equal(a[k], d[k]) for k in a), [k for k in a if not torch.equal(a[k], d[k])]
+
+
+def test_json_report(upstream_tp2, tmp_path, capsys):
+    import json
+
+    _, root = upstream_tp2
+    assert _convert("--from", "upstream-mhc", "--to", "mhc-megatron", str(root / "in"), str(tmp_path / "o"), "--json") == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["found"]["expansion_rate"] == 4 and report["target"] == "mhc-megatron"
+    assert report["converted"] == 20 and "--mhc-sinkhorn-order" in report["continue_flags"]
