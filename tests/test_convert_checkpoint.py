@@ -105,6 +105,10 @@ def test_converted_checkpoint_carries_the_metadata_and_structure(upstream_tp2):
     assert (args.residual_mode, args.expansion_rate, args.mhc_sinkhorn_iters) == ("mhc", 4, 20)
     assert (args.mhc_sinkhorn_order, args.mhc_norm_eps_placement, args.mhc_dropout) == ("rows-first", "outside", "per-stream")
     assert args.enable_mhc_connections is False and args.num_layers == 2 and common["iteration"] == 7
+    # the optimizer and RNG state are not carried, and the args say so
+    assert args.no_save_optim is True and args.no_save_rng is True and "opt_param_scheduler" not in common
+    keys = set(dist_checkpointing.load_tensors_metadata(str(root / "ours" / "iter_0000007")))
+    assert keys and not any(k.startswith("optimizer.") for k in keys)
     assert common["mhc_conversion"]["from"] == "upstream-mhc" and common["mhc_conversion"]["expansion_rate"] == 4
 
 
@@ -247,3 +251,10 @@ def test_json_report(upstream_tp2, tmp_path, capsys):
     report = json.loads(capsys.readouterr().out)
     assert report["found"]["expansion_rate"] == 4 and report["target"] == "mhc-megatron"
     assert report["converted"] == 20 and "--mhc-sinkhorn-order" in report["continue_flags"]
+    assert report["continue_flags"][-2:] == ["--no-load-optim", "--no-load-rng"]
+    assert sorted(report["not_carried"]) == ["common:opt_param_scheduler", "optimizer.state.exp_avg.output_layer.weight",
+                                             "rng_state/shard_0.0_1.2", "rng_state/shard_0.1_1.2"]
+    from mhc_megatron.checkpoints.layouts import FORMATS
+    from mhc_megatron.cli.convert_checkpoint_cmd import FORMATS as CLI_FORMATS
+
+    assert CLI_FORMATS == FORMATS

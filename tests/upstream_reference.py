@@ -119,7 +119,7 @@ def write_upstream_checkpoint(directory, weights, *, tp=1, n=4, iters=20, iterat
 
     from megatron.core import dist_checkpointing
 
-    from megatron.core.dist_checkpointing import ShardedObject
+    from megatron.core.dist_checkpointing import ShardedObject, ShardedTensor
 
     state = {}
     for key, t in weights.items():
@@ -130,7 +130,12 @@ def write_upstream_checkpoint(directory, weights, *, tp=1, n=4, iters=20, iterat
         key = f"decoder.layers.{linear}._extra_state"  # megatron-core's local linears: no extra state (None)
         for layer in range(L):
             state[f"{key}#{layer}"] = ShardedObject(key, None, (L,), (layer,), replica_id=0)
-    if args:
+    if args:  # and what else a training checkpoint holds: optimizer state, RNG state per (pp, tp) rank
+        state["optimizer.state.exp_avg.output_layer.weight"] = ShardedTensor.from_rank_offsets(
+            "optimizer.state.exp_avg.output_layer.weight", torch.zeros_like(weights["output_layer.weight"]))
+        for rank in range(tp):
+            state[f"rng#{rank}"] = ShardedObject("rng_state", [{"seed": rank}], (1, tp), (0, rank), replica_id=0)
+        state["opt_param_scheduler"] = {"num_steps": 7}
         state["args"] = argparse.Namespace(
             enable_mhc_connections=True, mhc_num_residual_streams=n, mhc_sinkhorn_iterations=iters,
             mhc_init_gating_factor=0.01, num_layers=weights["decoder.layers.mlp.linear_fc1.bias"].shape[0],

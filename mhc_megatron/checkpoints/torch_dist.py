@@ -24,8 +24,9 @@ import torch
 from .layouts import NotConvertible
 
 TRACKER = "latest_checkpointed_iteration.txt"
-#: sharded keys of a Megatron training checkpoint that are not the model's
-_NOT_MODEL = ("rng_state", "rerun_state_machine_state", "common_state")
+#: sharded keys of a Megatron training checkpoint that are not the model's (besides ``optimizer.*``
+#: and ``[<prefix>]rng_state``)
+_NOT_MODEL = ("rerun_state_machine_state", "common_state")
 #: common-state entries that belong to what is not carried
 _COMMON_DROPPED = ("optimizer", "opt_param_scheduler", "rng_state", "rerun_state_machine")
 
@@ -42,7 +43,7 @@ class Checkpoint:
 
 def _is_model(key: str) -> bool:
     base = key.split("/")[0]  # a sharded object's unique key is '<key>/shard_...'
-    return not (base.startswith("optimizer.") or base in _NOT_MODEL)
+    return not (base.startswith("optimizer.") or base in _NOT_MODEL or base.endswith("rng_state"))
 
 
 def locate(path: str) -> tuple[str, str | None]:
