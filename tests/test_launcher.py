@@ -95,14 +95,21 @@ def test_settings_defaults_and_upstream_flag_clash():
 
 
 def test_prebuilt_dataset_helpers_skip_the_make_step():
-    from mhc_megatron.training.launcher import skip_dataset_helper_compile_if_prebuilt
+    """The wheel ships the compiled helpers and no Makefile: skip the make step. A Megatron-LM
+    checkout has the Makefile (and no compiled helpers until built): keep Megatron's step."""
+    import importlib.util
 
+    import megatron.core.datasets as datasets
     import megatron.training.initialize as initialize
 
+    from mhc_megatron.training.launcher import skip_dataset_helper_compile_if_prebuilt
+
+    prebuilt = importlib.util.find_spec("megatron.core.datasets.helpers_cpp") is not None and not os.path.exists(
+        os.path.join(os.path.dirname(datasets.__file__), "Makefile"))
     original = initialize._compile_dependencies
     try:
-        assert skip_dataset_helper_compile_if_prebuilt()  # the wheel ships helpers_cpp, no Makefile
-        assert initialize._compile_dependencies is not original
+        assert skip_dataset_helper_compile_if_prebuilt() == prebuilt
+        assert (initialize._compile_dependencies is not original) == prebuilt
     finally:
         initialize._compile_dependencies = original
 
