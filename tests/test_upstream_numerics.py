@@ -1,9 +1,9 @@
-"""The upstream-numerics options against upstream Megatron-LM's formulas, written out here.
+"""The upstream-numerics options against upstream Megatron-LM's formulas.
 
-The references below transcribe upstream's ``HyperConnectionModule`` maths (Megatron-LM main,
-``megatron/core/transformer/hyper_connection.py``) on upstream's own parameter layout: a
-``mapping_proj`` weight ``[n*n + 2n, nC]``, one bias, three scalar gates. They share no code with
-the product. Float64 throughout; the tolerance is stated per test.
+The references (:mod:`upstream_reference`, test code) transcribe upstream's ``HyperConnectionModule``
+maths on upstream's own parameter layout: a ``mapping_proj`` weight ``[n*n + 2n, nC]``, one bias,
+three scalar gates. They share no code with the product. Float64 throughout; the tolerance is
+stated per test.
 """
 
 import argparse
@@ -16,27 +16,9 @@ from mhc_megatron import ops
 from mhc_megatron.mcore import MHCResidual, MHCSettings, MHCSublayerOutput
 from mhc_megatron.training import mhc_settings_from_args
 from mhc_megatron.training.arguments import add_mhc_arguments
+from upstream_reference import EPS, upstream_mappings, upstream_sinkhorn
 
-UPSTREAM_EPS = 1e-6  # upstream's SinkhornKnopp.eps and HyperConnectionModule.norm_eps
-
-
-def upstream_sinkhorn(h, iters):
-    m = torch.exp(h - h.max(dim=-1, keepdim=True).values)
-    for _ in range(iters):
-        m = m / m.sum(dim=-1, keepdim=True).clamp(min=UPSTREAM_EPS)  # rows
-        m = m / m.sum(dim=-2, keepdim=True).clamp(min=UPSTREAM_EPS)  # columns
-    return m
-
-
-def upstream_mappings(x_flat, weight, bias, a_pre, a_post, a_res, n, iters):
-    """x_flat [s, b, nC] -> (h_pre [s, b, n], h_post [s, b, n], h_res [s, b, n, n])."""
-    r = x_flat.norm(dim=-1, keepdim=True) / math.sqrt(x_flat.shape[-1])
-    r = 1.0 / (r + UPSTREAM_EPS)
-    proj = x_flat @ weight.t()
-    gates = torch.cat([a_pre.expand(n), a_post.expand(n), a_res.expand(n * n)])
-    h = r * proj * gates + bias
-    s, b = x_flat.shape[:2]
-    return h[..., :n].sigmoid(), h[..., n : 2 * n].sigmoid() * 2, upstream_sinkhorn(h[..., 2 * n :].view(s, b, n, n), iters)
+UPSTREAM_EPS = EPS  # upstream's SinkhornKnopp.eps and HyperConnectionModule.norm_eps
 
 
 def upstream_inputs(n=4, C=8, s=5, b=3, spread=3.0, seed=0):
