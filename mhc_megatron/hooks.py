@@ -70,6 +70,14 @@ def _cuda_device_is_meta(original, context):
     return lambda: "meta"
 
 
+def _cuda_device_is_cpu(original, context):
+    return lambda: "cpu"
+
+
+def _no_device_sync(original, context):
+    return lambda device=None: None
+
+
 HOOKS: tuple[Hook, ...] = (
     Hook(
         "arguments", "megatron.training.arguments:parse_and_validate_args",
@@ -122,6 +130,18 @@ HOOKS: tuple[Hook, ...] = (
         "answers 'meta' while validate-config builds a model on the meta device",
         "the MoE router and MLA's rotary embedding place tensors on torch.cuda.current_device() "
         "explicitly", "0.19.0", _cuda_device_is_meta, when="mhc-megatron validate-config, during the build",
+    ),
+    Hook(
+        "checkpoint-io-sync", "torch.cuda:synchronize",
+        "does nothing while mhc-megatron convert-checkpoint reads and writes a checkpoint",
+        "megatron-core's checkpoint writer synchronises the CUDA device unconditionally; the converter "
+        "runs on the CPU with gloo", "0.19.0", _no_device_sync, when="mhc-megatron convert-checkpoint, during I/O",
+    ),
+    Hook(
+        "checkpoint-io-device", "torch.cuda:current_device",
+        "answers 'cpu' while mhc-megatron convert-checkpoint reads and writes a checkpoint",
+        "megatron-core's checkpoint writer allocates a flag on torch.cuda.current_device()", "0.19.0",
+        _cuda_device_is_cpu, when="mhc-megatron convert-checkpoint, during I/O",
     ),
 )
 

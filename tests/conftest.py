@@ -8,6 +8,15 @@ import torch
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
+# The compatibility run (tests/test_compat.py) runs suites against a Megatron-LM checkout; make sure
+# that is the megatron-core they import, not the installed wheel.
+_expected = os.environ.get("MHC_MEGATRON_EXPECT_CHECKOUT")
+if _expected:
+    import megatron.core
+
+    if not os.path.realpath(megatron.core.__file__).startswith(os.path.realpath(_expected)):
+        pytest.exit(f"expected megatron-core from {_expected}, imported {megatron.core.__file__}", returncode=3)
+
 
 @pytest.fixture(autouse=True)
 def _fresh_seed(request):

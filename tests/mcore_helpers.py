@@ -3,8 +3,9 @@
 The redirections of megatron-core's CUDA-only spots live here, in test code only:
 ``GlobalMemoryBuffer.get_tensor`` (sequence-parallel gathers allocate on the current CUDA device),
 ``CudaRNGStatesTracker.fork`` and ``_get/_set_cuda_rng_state`` (CUDA RNG state), the MoE router's ``gating`` (moves its weight
-to the current CUDA device on the first forward) and the sequence-parallel gather/scatter
-mappings (allocate their outputs there); in spawned workers also ``torch.cuda.current_device``
+to the current CUDA device on the first forward), the sequence-parallel gather/scatter
+mappings (allocate their outputs there) and, with Megatron-LM main, MTP's check for inference
+linears (an ``isinstance`` against mocked transformer-engine classes without TE); in spawned workers also ``torch.cuda.current_device``
 and ``torch.cuda.synchronize`` as a whole (see ``_whole_process_on_cpu``). Attention uses the product's device-portable
 ``SDPACoreAttention``, so Megatron's ``DotProductAttention`` needs no redirection.
 """
@@ -58,6 +59,18 @@ def cpu_redirections() -> None:
     _on_cpu(multi_token_prediction.MTPLossLoggingHelper, "save_metrics_to_tracker")  # MTP's loss log buffer
     _on_cpu(mappings, "_gather_along_first_dim")
     _on_cpu(mappings, "_reduce_scatter_along_first_dim")
+    _without_te_no_inference_linears(multi_token_prediction)
+
+
+def _without_te_no_inference_linears(multi_token_prediction) -> None:
+    """Megatron-LM main (0.20): ``MultiTokenPredictionLayer`` asks
+    ``is_inference_column_parallel_linear(eh_proj)``, an ``isinstance`` against classes derived
+    from transformer-engine's; without transformer-engine those are mocks and ``isinstance``
+    raises TypeError (for any model with MTP). No such layer exists without TE: answer False."""
+    from megatron.core.extensions.transformer_engine import HAVE_TE
+
+    if not HAVE_TE and hasattr(multi_token_prediction, "is_inference_column_parallel_linear"):
+        multi_token_prediction.is_inference_column_parallel_linear = lambda module: False
 
 
 def _on_cpu(owner, name: str) -> None:

@@ -40,6 +40,28 @@ def test_bad_expansion_rate_is_refused_before_training():
     assert "expansion rate must be an integer >= 1, got 0" in out.stderr
 
 
+def test_upstream_mhc_flag_is_refused_by_the_real_parser():
+    """With Megatron-LM main (0.20) the parser has --enable-mhc-connections (a TransformerConfig
+    field) and we refuse the pair; megatron-core 0.19 does not know the flag at all."""
+    import dataclasses
+
+    from megatron.core.transformer.transformer_config import TransformerConfig
+
+    out = _run([*TINY_GPT_ARGS, "--residual-mode", "mhc", "--enable-mhc-connections"])
+    assert out.returncode == 2
+    if "enable_mhc_connections" in {f.name for f in dataclasses.fields(TransformerConfig)}:
+        assert "--residual-mode mhc and upstream Megatron's --enable-mhc-connections" in out.stderr, out.stderr
+    else:
+        assert "unrecognized arguments: --enable-mhc-connections" in out.stderr, out.stderr
+
+
+def test_reference_only_numerics_with_triton_are_refused_at_parse_time():
+    out = _run([*TINY_GPT_ARGS, "--residual-mode", "mhc", "--mhc-sinkhorn-order", "rows-first", "--mhc-kernels", "triton"])
+    assert out.returncode == 2
+    assert "--mhc-sinkhorn-order rows-first: implemented in the PyTorch reference ops only" in out.stderr
+    assert "add --mhc-kernels reference" in out.stderr
+
+
 def test_missing_checkout_is_named():
     out = _run(["--megatron-lm", "/nonexistent", *TINY_GPT_ARGS])
     assert out.returncode == 2 and "no pretrain_gpt.py there" in out.stderr
@@ -73,15 +95,23 @@ def test_settings_defaults_and_upstream_flag_clash():
 
 
 def test_prebuilt_dataset_helpers_skip_the_make_step():
-    from mhc_megatron import hooks
-    from mhc_megatron.training.launcher import skip_dataset_helper_compile_if_prebuilt
+    """The wheel ships the compiled helpers and no Makefile: skip the make step. A Megatron-LM
+    checkout has the Makefile (and no compiled helpers until built): keep Megatron's step."""
+    import importlib.util
 
+    from mhc_megatron import hooks
+
+    import megatron.core.datasets as datasets
     import megatron.training.initialize as initialize
 
+    from mhc_megatron.training.launcher import skip_dataset_helper_compile_if_prebuilt
+
+    prebuilt = importlib.util.find_spec("megatron.core.datasets.helpers_cpp") is not None and not os.path.exists(
+        os.path.join(os.path.dirname(datasets.__file__), "Makefile"))
     original = initialize._compile_dependencies
     try:
-        assert skip_dataset_helper_compile_if_prebuilt()  # the wheel ships helpers_cpp, no Makefile
-        assert initialize._compile_dependencies is not original
+        assert skip_dataset_helper_compile_if_prebuilt() == prebuilt
+        assert (initialize._compile_dependencies is not original) == prebuilt
     finally:
         hooks.uninstall("dataset-helpers")
     assert initialize._compile_dependencies is original

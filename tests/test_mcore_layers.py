@@ -207,6 +207,20 @@ def test_incompatible_megatron_options_are_refused(overrides, match):
     check_transformer_config(cfg, settings("residual"))  # residual mode accepts anything
 
 
+def test_upstream_hyper_connections_in_the_same_config_are_refused():
+    """Megatron-LM main's real config field (megatron-core 0.20); 0.19 has no upstream mHC."""
+    from megatron.core.transformer.transformer_config import TransformerConfig
+
+    if "enable_mhc_connections" not in {f.name for f in dataclasses.fields(TransformerConfig)}:
+        pytest.skip("this megatron-core has no upstream mHC (enable_mhc_connections); the compat run checks it")
+    cfg = tiny_config(enable_mhc_connections=True, mhc_num_residual_streams=4)
+    with pytest.raises(ValueError, match="enable_mhc_connections=True.*drop --enable-mhc-connections"):
+        check_transformer_config(cfg, settings("mhc"))
+    with pytest.raises(ValueError, match="enable_mhc_connections=True"):
+        build_gpt(cfg, settings("hc"))  # the spec builder checks it too
+    check_transformer_config(cfg, settings("residual"))
+
+
 @pytest.mark.parametrize(
     "kw,match",
     [

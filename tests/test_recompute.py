@@ -32,6 +32,17 @@ def test_gradients_with_recompute_equal_those_without(mode, block):
         torch.testing.assert_close(grads[name], g, rtol=1e-6, atol=1e-7, msg=name)
 
 
+def test_recompute_with_upstream_numerics_equals_without():
+    """The rows-first Sinkhorn and the eps-outside norm run inside the recomputed coefficient step too."""
+    base = MHCSettings(mode="mhc", expansion_rate=4, sinkhorn_order="rows-first", norm_eps_placement="outside",
+                       backend="reference")
+    loss_ref, grads_ref = _loss_and_grads(base)
+    loss, grads = _loss_and_grads(base.replace(recompute=True, recompute_block_size=4))
+    torch.testing.assert_close(loss, loss_ref, rtol=0, atol=0)
+    for name, g in grads_ref.items():
+        torch.testing.assert_close(grads[name], g, rtol=1e-6, atol=1e-7, msg=name)
+
+
 def test_recompute_in_bf16_matches_bf16_without():
     base = MHCSettings(mode="mhc", expansion_rate=4)
     loss_ref, grads_ref = _loss_and_grads(base, dtype=torch.bfloat16)

@@ -8,6 +8,7 @@ import sys
 
 from . import (
     bench_cmd,
+    convert_checkpoint_cmd,
     demo_cmd,
     plan_recompute_cmd,
     profile_cmd,
@@ -17,7 +18,7 @@ from . import (
 )
 
 _COMMANDS = (
-    bench_cmd, demo_cmd, plan_recompute_cmd, profile_cmd, simulate_pipeline_cmd, stability_cmd, validate_config_cmd,
+    bench_cmd, convert_checkpoint_cmd, demo_cmd, plan_recompute_cmd, profile_cmd, simulate_pipeline_cmd, stability_cmd, validate_config_cmd,
 )
 
 

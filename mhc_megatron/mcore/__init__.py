@@ -1,5 +1,10 @@
 """megatron-core glue: mHC settings, modules and layer/block specs."""
 
+from ..compat import check_megatron_core
+
+check_megatron_core()  # before anything of megatron-core is used: an untested version is named
+
+
 from .coefficients import HCCoefficients, MHCCoefficients
 from .settings import RESIDUAL_MODES, MHCSettings, check_transformer_config, configure_pipeline
 from .specs import (

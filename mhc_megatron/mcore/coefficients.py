@@ -78,7 +78,9 @@ class MHCCoefficients(_Coefficients):
 
     def reset_parameters(self) -> None:
         s = self.settings
-        init = ops.init_mhc_parameters(self.n, self.hidden_size, alpha=s.alpha_init, res_diag=s.res_init_diag)
+        init = ops.init_mhc_parameters(
+            self.n, self.hidden_size, alpha=s.alpha_init, res_diag=s.res_init_diag, scheme=s.init
+        )
         with torch.no_grad():
             for param, value in zip((self.phi, self.bias, self.alpha), init):
                 param.copy_(value)
@@ -88,7 +90,10 @@ class MHCCoefficients(_Coefficients):
 
     def compute(self, x: torch.Tensor, phi, bias, alpha):
         s = self.settings
-        return ops.mhc_coefficients(x, phi, bias, alpha, iters=s.sinkhorn_iters, eps=s.coeff_eps, backend=s.backend)
+        return ops.mhc_coefficients(
+            x, phi, bias, alpha, iters=s.sinkhorn_iters, eps=s.coeff_eps, backend=s.backend,
+            sinkhorn_order=s.sinkhorn_order, eps_placement=s.norm_eps_placement,
+        )
 
 
 class HCCoefficients(_Coefficients):

@@ -6,11 +6,25 @@ import dataclasses
 import math
 from dataclasses import dataclass
 
-from ..ops import check_expansion_rate, check_iters
+from ..ops import (
+    DROPOUT_PLACEMENTS,
+    EPS_PLACEMENTS,
+    INIT_SCHEMES,
+    SINKHORN_ORDERS,
+    check_expansion_rate,
+    check_iters,
+)
 from ..ops._backend import BACKENDS
 
 RESIDUAL_MODES = ("residual", "hc", "mhc")
 CONTRACTIONS = ("mean", "sum")
+#: (field, flag, choices with the default first, implemented by the Triton kernels, mhc mode only)
+_NUMERICS_OPTIONS = (
+    ("sinkhorn_order", "--mhc-sinkhorn-order", SINKHORN_ORDERS, False, True),
+    ("norm_eps_placement", "--mhc-norm-eps-placement", EPS_PLACEMENTS, False, True),
+    ("dropout", "--mhc-dropout", DROPOUT_PLACEMENTS, False, False),
+    ("init", "--mhc-init", INIT_SCHEMES, True, True),  # initial values only: any backend
+)
 
 
 class InvalidSetting(ValueError):
@@ -42,6 +56,20 @@ class MHCSettings:
         blocks of ``recompute_block_size`` sublayers (``"auto"``: the L_r* formula, per stage).
     post_res_stream: run the MLP sublayer's post+residual kernel on a dedicated high-priority
         CUDA stream (the paper's DualPipe setting; no effect on CPU).
+
+    Numerics of upstream Megatron-LM's mHC, to continue a converted checkpoint with the same
+    maths (docs/megatron.md compares the two); the defaults are ours:
+
+    sinkhorn_order: ``cols-first`` (the paper's and DeepSeek's released code's order) or
+        ``rows-first`` (upstream's, with its 1e-6 clamp on the sums); mhc only.
+    norm_eps_placement: ``inside-sqrt`` (``rsqrt(mean(v^2) + eps)``) or ``outside``
+        (upstream's ``1 / (rms + eps)``); mhc only.
+    dropout: ``shared`` (one mask on the sublayer output, shared by the n streams) or
+        ``per-stream`` (upstream's: dropout of the expanded ``H_post^T · F``).
+    init: ``ours`` or ``upstream`` (xavier phi, zero biases: H_pre = 1/2); mhc only.
+
+    The first three run in the PyTorch reference ops only: with ``backend`` ``triton`` (or
+    ``auto`` on a machine with CUDA) they are refused here, naming ``--mhc-kernels reference``.
     """
 
     mode: str = "residual"
@@ -56,6 +84,10 @@ class MHCSettings:
     recompute: bool = False
     recompute_block_size: int | str = "auto"
     post_res_stream: bool = False
+    sinkhorn_order: str = "cols-first"
+    norm_eps_placement: str = "inside-sqrt"
+    dropout: str = "shared"
+    init: str = "ours"
 
     def __post_init__(self):
         def refuse(field: str, why: str):
@@ -84,6 +116,56 @@ class MHCSettings:
         b = self.recompute_block_size
         if b != "auto" and (isinstance(b, bool) or not isinstance(b, int) or b < 1):
             refuse("recompute_block_size", "the recompute block size must be 'auto' or an integer >= 1")
+        self._check_upstream_numerics()
+
+    def _check_upstream_numerics(self) -> None:
+        chosen = []  # (flag, value, in the Triton kernels, mhc only) of every non-default choice
+        for field, flag, allowed, in_kernels, mhc_only in _NUMERICS_OPTIONS:
+            value = getattr(self, field)
+            if value not in allowed:
+                raise ValueError(f"{flag} must be one of {', '.join(allowed)}, got {value!r}")
+            if value != allowed[0]:
+                chosen.append((flag, value, in_kernels, mhc_only))
+        for flag, value, _, mhc_only in chosen:
+            if self.mode == "residual":
+                raise ValueError(f"{flag} {value} needs --residual-mode mhc (the residual mode has no mHC step)")
+            if self.mode == "hc" and mhc_only:
+                raise ValueError(
+                    f"{flag} {value} applies to --residual-mode mhc (HC has no Sinkhorn and its own "
+                    "per-stream norm and initialisation); drop it or use --residual-mode mhc"
+                )
+        if self.init == "upstream" and self.res_init_diag != 0.0:
+            raise ValueError(
+                f"--mhc-res-init-diag {self.res_init_diag} belongs to --mhc-init ours (upstream's init "
+                "sets every bias to 0); drop one of them"
+            )
+        if self.dropout == "per-stream" and self.recompute:
+            raise ValueError(
+                "--mhc-dropout per-stream with --mhc-recompute is not supported (the recompute chain "
+                "rebuilds the residual from the sublayer output, not from per-stream masks); drop one"
+            )
+        reference_only = [f"{flag} {value}" for flag, value, in_kernels, _ in chosen if not in_kernels]
+        if reference_only and self._may_run_triton():
+            raise ValueError(
+                f"{', '.join(reference_only)}: implemented in the PyTorch reference ops only, not in the "
+                f"Triton kernels that --mhc-kernels {self.backend} runs"
+                + (" on this CUDA machine" if self.backend == "auto" else "")
+                + "; add --mhc-kernels reference"
+            )
+
+    def _may_run_triton(self) -> bool:
+        if self.backend == "triton":
+            return True
+        if self.backend == "auto":
+            import torch
+
+            return torch.cuda.is_available()
+        return False
+
+    @property
+    def upstream_numerics(self) -> bool:
+        """True when every numerics option is upstream Megatron-LM's."""
+        return (self.sinkhorn_order, self.norm_eps_placement, self.dropout) == ("rows-first", "outside", "per-stream")
 
     @property
     def enabled(self) -> bool:
@@ -108,6 +190,13 @@ def check_transformer_config(config, settings: MHCSettings, *, stage_shapes: boo
     def refuse(what: str, fix: str) -> None:
         raise ValueError(f"--residual-mode {mode} does not support {what}: {fix}")
 
+    if getattr(config, "enable_mhc_connections", False):  # Megatron-LM main's own mHC (0.20)
+        refuse(
+            "upstream Megatron-LM's own hyper-connections on the same model "
+            "(enable_mhc_connections=True); the two would both widen the residual",
+            "use one of them: drop --enable-mhc-connections, or --residual-mode residual "
+            "(mhc-megatron convert-checkpoint moves checkpoints between the two)",
+        )
     if getattr(config, "cuda_graph_impl", "none") not in (None, "none"):
         refuse(
             f"CUDA graphs (cuda_graph_impl={config.cuda_graph_impl!r}), whose static buffers "

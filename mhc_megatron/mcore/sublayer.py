@@ -70,6 +70,10 @@ class MHCSublayerInput(MegatronModule):
             and ``position`` its index in the block.
     """
 
+    #: Megatron-LM main (megatron-core 0.20) unpacks a norm's ``(output, residual)`` pair only when
+    #: the norm declares it; 0.19 unpacks any tuple. We always return the pair.
+    returns_residual = True
+
     def __init__(
         self,
         config,
@@ -137,7 +141,8 @@ class MHCSublayerInput(MegatronModule):
 
 
 class MHCSublayerOutput(torch.nn.Module):
-    """Bias-dropout-add slot of an mHC sublayer: ``H_res · x + H_post^T · dropout(F + bias)``.
+    """Bias-dropout-add slot of an mHC sublayer: ``H_res · x + H_post^T · dropout(F + bias)``
+    (``dropout="per-stream"`` in the settings: ``H_res · x + dropout(H_post^T · (F + bias))``).
 
     Called like Megatron's ``get_bias_dropout_add``: ``module(training, fused)`` returns the
     function ``(output_with_bias, residual, dropout_prob) -> next residual``.
@@ -149,6 +154,7 @@ class MHCSublayerOutput(torch.nn.Module):
     ):
         super().__init__()
         self.backend = settings.backend if settings is not None else "auto"
+        self.dropout = settings.dropout if settings is not None else "shared"
         self.high_priority_stream = high_priority_stream
         # the model's last sublayer where the final norm is not a spec slot (HybridModel)
         self.contraction = settings.contraction if contract else None
@@ -156,13 +162,13 @@ class MHCSublayerOutput(torch.nn.Module):
     def forward(self, training: bool, fused: bool = False):
         return functools.partial(
             self._post_residual, training=training, backend=self.backend, side_stream=self.high_priority_stream,
-            contraction=self.contraction,
+            contraction=self.contraction, per_stream=self.dropout == "per-stream",
         )
 
     @staticmethod
     def _post_residual(
         output_with_bias, residual, prob: float, training: bool, backend: str, side_stream: bool = False,
-        contraction: str | None = None,
+        contraction: str | None = None, per_stream: bool = False,
     ) -> torch.Tensor:
         if not isinstance(residual, MHCResidual):
             raise TypeError(
@@ -173,8 +179,11 @@ class MHCSublayerOutput(torch.nn.Module):
         out, bias = output_with_bias
         if bias is not None:
             out = out + bias
-        out = torch.nn.functional.dropout(out, p=prob, training=training)
-        post = functools.partial(ops.mhc_post_res, backend=backend)
+        if per_stream and training and prob > 0:  # settings refuse it with recompute (no chain here)
+            post = functools.partial(ops.mhc_post_res, backend=backend, stream_dropout=prob)
+        else:
+            out = torch.nn.functional.dropout(out, p=prob, training=training)
+            post = functools.partial(ops.mhc_post_res, backend=backend)
         args = (out, residual.h_post, residual.h_res)
         if residual.chain is not None and torch.is_grad_enabled():
             chain, position = residual.chain, residual.position

@@ -13,20 +13,25 @@ Everything a layer needs, with the spec's notation (``x`` is the n-stream residu
 """
 
 from ._checks import check_expansion_rate, check_iters
-from .coefficients import hc_coefficients, mhc_coefficients, num_coefficients
+from .coefficients import EPS_PLACEMENTS, hc_coefficients, mhc_coefficients, num_coefficients
 from .gain import amax_gain, composite_amax_gain, composite_mapping, gain_profile
 from .init import (
     DEFAULT_ALPHA,
+    INIT_SCHEMES,
     HCParameters,
     MHCParameters,
     init_hc_parameters,
     init_mhc_parameters,
 )
-from .sinkhorn import sinkhorn_knopp
-from .streams import contract_streams, expand_streams, mhc_post_res, mhc_pre
+from .sinkhorn import SINKHORN_ORDERS, sinkhorn_knopp
+from .streams import DROPOUT_PLACEMENTS, contract_streams, expand_streams, mhc_post_res, mhc_pre
 
 __all__ = [
     "DEFAULT_ALPHA",
+    "DROPOUT_PLACEMENTS",
+    "EPS_PLACEMENTS",
+    "INIT_SCHEMES",
+    "SINKHORN_ORDERS",
     "HCParameters",
     "MHCParameters",
     "amax_gain",

@@ -40,3 +40,16 @@ def choose(op: str, backend: str, *tensors: torch.Tensor, n: int | None = None) 
         _warned.add((op, reason))
         warnings.warn(f"{op}: running the PyTorch reference instead of the Triton kernels: {reason}", stacklevel=3)
     return "reference"
+
+
+def reference_only(op: str, backend: str, what: str, flag: str, *tensors: torch.Tensor) -> None:
+    """Refuse a computation the Triton kernels do not implement where this call would run them
+    (``backend="triton"``, or ``"auto"`` with CUDA tensors): never a silent fallback."""
+    if backend not in BACKENDS:
+        raise ValueError(f"{op}: backend must be one of {', '.join(BACKENDS)}, got {backend!r}")
+    if backend == "triton" or (backend == "auto" and any(t.is_cuda for t in tensors)):
+        raise ValueError(
+            f"{op}: {what} ({flag}) is implemented in the PyTorch reference only, not in the Triton "
+            f"kernels (backend {backend!r}); run with --mhc-kernels reference (backend='reference') "
+            f"or drop {flag}"
+        )

@@ -7,11 +7,26 @@ and ``alpha`` holds the three scalar gates ``(alpha_pre, alpha_post, alpha_res)`
 
 from __future__ import annotations
 
+import math
+
 import torch
 
-from ._backend import choose
+from ._backend import choose, reference_only
 from ._checks import check_iters, check_shape, check_streams, compute_dtype
-from .sinkhorn import sinkhorn_knopp
+from .sinkhorn import check_sinkhorn_order, sinkhorn_knopp
+
+#: Where the epsilon of the coefficient RMS norm goes: ``rsqrt(mean(v^2) + eps)`` (ours, the
+#: usual RMSNorm) or ``1 / (sqrt(mean(v^2)) + eps)`` (upstream Megatron-LM's ``1/(rms + eps)``).
+EPS_PLACEMENTS = ("inside-sqrt", "outside")
+
+
+def check_eps_placement(placement: str) -> str:
+    if placement not in EPS_PLACEMENTS:
+        raise ValueError(
+            f"norm epsilon placement must be one of {', '.join(EPS_PLACEMENTS)}, got {placement!r} "
+            "(inside-sqrt: rsqrt(mean + eps), ours; outside: 1/(rms + eps), upstream Megatron-LM's)"
+        )
+    return placement
 
 
 def num_coefficients(n: int) -> int:
@@ -32,6 +47,8 @@ def mhc_coefficients(
     iters: int = 20,
     eps: float = 1e-6,
     backend: str = "auto",
+    sinkhorn_order: str = "cols-first",
+    eps_placement: str = "inside-sqrt",
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """mHC coefficients of the n-stream input ``x`` ``[..., n, C]`` (spec section 2).
 
@@ -49,12 +66,25 @@ def mhc_coefficients(
         phi: ``[n*C, n*n + 2n]`` projection. bias: ``[n*n + 2n]``. alpha: ``[3]`` gates.
         backend: ``"auto"`` (the fused Triton kernels for CUDA tensors), ``"reference"`` or
             ``"triton"``.
+        sinkhorn_order: ``"cols-first"`` (the paper's) or ``"rows-first"`` (upstream
+            Megatron-LM's), see :func:`sinkhorn_knopp`.
+        eps_placement: ``"inside-sqrt"`` (the ``r`` above) or ``"outside"``:
+            ``r = sqrt(mean(v^2)) + eps`` (upstream Megatron-LM's).
+        The non-default choices run in the PyTorch reference only (an error where the Triton
+        kernels would run).
 
     Returns:
         ``(h_pre [..., n], h_post [..., n], h_res [..., n, n])`` in the compute dtype.
     """
     n, C = check_streams(x)
     iters = check_iters(iters)
+    check_sinkhorn_order(sinkhorn_order)
+    check_eps_placement(eps_placement)
+    if sinkhorn_order != "cols-first":
+        reference_only("mhc_coefficients", backend, "Sinkhorn order rows-first", "--mhc-sinkhorn-order", x, phi)
+    if eps_placement != "inside-sqrt":
+        reference_only("mhc_coefficients", backend, "norm epsilon outside the square root",
+                       "--mhc-norm-eps-placement", x, phi)
     m = num_coefficients(n)
     check_shape(phi, (n * C, m), "phi", f"[n*C, n*n+2n] for n={n}, C={C}")
     check_shape(bias, (m,), "bias", f"[n*n+2n] for n={n}")
@@ -67,11 +97,14 @@ def mhc_coefficients(
     dt = compute_dtype(x)
     v = x.reshape(*x.shape[:-2], n * C).to(dt)
     proj = v @ phi.to(dt)
-    inv_r = torch.rsqrt(v.square().mean(dim=-1, keepdim=True) + eps)
+    if eps_placement == "inside-sqrt":
+        inv_r = torch.rsqrt(v.square().mean(dim=-1, keepdim=True) + eps)
+    else:  # the norm's gradient is defined (zero) at a zero token, unlike sqrt's
+        inv_r = 1.0 / (torch.linalg.vector_norm(v, dim=-1, keepdim=True) / math.sqrt(n * C) + eps)
     logits = proj * inv_r * _gate_vector(alpha.to(dt), n) + bias.to(dt)
     h_pre = torch.sigmoid(logits[..., :n])
     h_post = 2.0 * torch.sigmoid(logits[..., n : 2 * n])
-    h_res = sinkhorn_knopp(logits[..., 2 * n :].unflatten(-1, (n, n)), iters, backend="reference")
+    h_res = sinkhorn_knopp(logits[..., 2 * n :].unflatten(-1, (n, n)), iters, backend="reference", order=sinkhorn_order)
     return h_pre, h_post, h_res
 
 

@@ -12,6 +12,8 @@ from .coefficients import num_coefficients
 
 #: The paper's initial value of the three scalar gates (alpha_pre, alpha_post, alpha_res).
 DEFAULT_ALPHA = 0.01
+#: ``ours`` (below) or ``upstream``: upstream Megatron-LM's initialisation.
+INIT_SCHEMES = ("ours", "upstream")
 
 
 class MHCParameters(NamedTuple):
@@ -42,8 +44,14 @@ def init_mhc_parameters(
     dtype: torch.dtype = torch.float32,
     device: torch.device | str | None = None,
     generator: torch.Generator | None = None,
+    scheme: str = "ours",
 ) -> MHCParameters:
     """Initial ``(phi, bias, alpha)`` of an mHC sublayer, chosen so it starts as a residual layer.
+
+    ``scheme="upstream"`` is upstream Megatron-LM's initialisation instead: ``phi`` xavier-uniform
+    (``U(-b, b)``, ``b = sqrt(6 / (nC + n*n + 2n))``), every bias 0 (so ``H_pre = 1/2``,
+    ``H_post = 1``, ``H_res`` uniform), gates ``alpha``; ``phi_std`` and ``res_diag`` belong
+    to our scheme and must keep their defaults with it. Our scheme (the default):
 
     The paper fixes only the gates (``alpha = 0.01``). Our choices for the rest:
 
@@ -71,6 +79,21 @@ def init_mhc_parameters(
     n = check_expansion_rate(n)
     hidden = _check_hidden(hidden)
     m = num_coefficients(n)
+    if scheme not in INIT_SCHEMES:
+        raise ValueError(f"mHC init scheme must be one of {', '.join(INIT_SCHEMES)}, got {scheme!r}")
+    if scheme == "upstream":
+        if phi_std is not None or res_diag != 0.0:
+            raise ValueError(
+                "the upstream init scheme sets phi (xavier) and every bias (0) itself; "
+                f"phi_std={phi_std!r} and res_diag={res_diag!r} belong to scheme 'ours'"
+            )
+        bound = math.sqrt(6.0 / (n * hidden + m))  # xavier_uniform_ of upstream's [m, nC] weight
+        weight = torch.empty(m, n * hidden, dtype=dtype, device=device).uniform_(-bound, bound, generator=generator)
+        return MHCParameters(
+            weight.t().contiguous(),
+            torch.zeros(m, dtype=dtype, device=device),
+            torch.full((3,), float(alpha), dtype=dtype, device=device),
+        )
     if phi_std is None:
         phi_std = 1.0 / math.sqrt(n * hidden) if n > 1 else 0.0
     phi = torch.empty(n * hidden, m, dtype=dtype, device=device)

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import torch
 
-from ._backend import choose
+from ._backend import choose, reference_only
 from ._checks import check_expansion_rate, check_shape, check_streams, compute_dtype
 
 
@@ -26,8 +26,16 @@ def mhc_pre(x: torch.Tensor, h_pre: torch.Tensor, backend: str = "auto") -> torc
     return torch.einsum("...n,...nc->...c", h_pre.to(dt), x.to(dt)).to(x.dtype)
 
 
+DROPOUT_PLACEMENTS = ("shared", "per-stream")
+
+
 def mhc_post_res(
-    x: torch.Tensor, f: torch.Tensor, h_post: torch.Tensor, h_res: torch.Tensor, backend: str = "auto"
+    x: torch.Tensor,
+    f: torch.Tensor,
+    h_post: torch.Tensor,
+    h_res: torch.Tensor,
+    backend: str = "auto",
+    stream_dropout: float = 0.0,
 ) -> torch.Tensor:
     """Next residual ``H_res · x + H_post^T · f``.
 
@@ -35,12 +43,25 @@ def mhc_post_res(
     h_res ``[..., n, n]``; returns ``[..., n, C]`` in the dtype of ``x``.
     ``backend``: ``"auto"`` (the fused Triton kernel for CUDA tensors), ``"reference"`` or
     ``"triton"``.
+
+    ``stream_dropout``: probability of a dropout applied to the expanded ``H_post^T · f`` with
+    one mask element per stream and channel (upstream Megatron-LM's placement:
+    ``H_res · x + dropout(H_post^T · f)``); 0 (default): none here — our layers drop out ``f``
+    itself, one mask shared by the n streams, before calling this. PyTorch reference only.
     """
     n, C = check_streams(x)
     lead = x.shape[:-2]
     check_shape(f, (*lead, C), "f", "the sublayer output, x.shape[:-2] + (C,)")
     check_shape(h_post, (*lead, n), "h_post", "x.shape[:-1]")
     check_shape(h_res, (*lead, n, n), "h_res", "x.shape[:-2] + (n, n)")
+    if not 0.0 <= stream_dropout < 1.0:
+        raise ValueError(f"stream_dropout must be in [0, 1), got {stream_dropout!r}")
+    if stream_dropout > 0.0:
+        reference_only("mhc_post_res", backend, "dropout per stream", "--mhc-dropout per-stream", x, f)
+        dt = compute_dtype(x)
+        mixed = torch.einsum("...ij,...jc->...ic", h_res.to(dt), x.to(dt))
+        expanded = h_post.to(dt).unsqueeze(-1) * f.to(dt).unsqueeze(-2)
+        return (mixed + torch.nn.functional.dropout(expanded, p=stream_dropout)).to(x.dtype)
     if choose("mhc_post_res", backend, x, f, h_post, h_res, n=n) == "triton":
         from ..kernels.post_res import mhc_post_res_triton
 

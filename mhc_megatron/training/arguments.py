@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 
 from ..mcore.settings import CONTRACTIONS, RESIDUAL_MODES, InvalidSetting, MHCSettings
+from ..ops import DROPOUT_PLACEMENTS, EPS_PLACEMENTS, INIT_SCHEMES, SINKHORN_ORDERS
 from ..ops._backend import BACKENDS
 
 DEFAULT_EXPANSION_RATE = 4
@@ -51,6 +52,36 @@ def add_mhc_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParse
         type=float,
         default=d.coeff_eps,
         help="Epsilon of the RMS norm inside the coefficient computation (default %(default)s).",
+    )
+    g.add_argument(
+        "--mhc-sinkhorn-order",
+        choices=SINKHORN_ORDERS,
+        default=d.sinkhorn_order,
+        help="Sinkhorn-Knopp order: cols-first (the mHC paper's and DeepSeek's released code's order) or "
+        "rows-first (upstream Megatron-LM's: exp(logits - row max), then rows, then columns, sums clamped "
+        "at 1e-6; PyTorch reference ops only) (default %(default)s).",
+    )
+    g.add_argument(
+        "--mhc-norm-eps-placement",
+        choices=EPS_PLACEMENTS,
+        default=d.norm_eps_placement,
+        help="Epsilon of the coefficient RMS norm: inside-sqrt = rsqrt(mean(v^2) + eps), or outside = "
+        "1/(rms + eps) (upstream Megatron-LM's; PyTorch reference ops only) (default %(default)s).",
+    )
+    g.add_argument(
+        "--mhc-dropout",
+        choices=DROPOUT_PLACEMENTS,
+        default=d.dropout,
+        help="Hidden dropout of an mHC sublayer: shared = one mask on the sublayer output for all n "
+        "streams, or per-stream = dropout of the expanded H_post^T F (upstream Megatron-LM's; PyTorch "
+        "reference ops only, not with --mhc-recompute) (default %(default)s).",
+    )
+    g.add_argument(
+        "--mhc-init",
+        choices=INIT_SCHEMES,
+        default=d.init,
+        help="Initial mHC parameters: ours (phi ~ N(0, 1/(nC)), H_pre = 1/n) or upstream (Megatron-LM's: "
+        "xavier-uniform phi, zero biases, H_pre = 1/2) (default %(default)s).",
     )
     g.add_argument(
         "--mhc-check-finite",
@@ -184,4 +215,8 @@ def _settings(args, mode: str, n: int) -> MHCSettings:
         recompute=args.mhc_recompute,
         recompute_block_size=args.mhc_recompute_block_size,
         post_res_stream=args.mhc_post_res_stream or getattr(args, "pipeline_schedule", None) == "dualpipev",
+        sinkhorn_order=args.mhc_sinkhorn_order,
+        norm_eps_placement=args.mhc_norm_eps_placement,
+        dropout=args.mhc_dropout,
+        init=args.mhc_init,
     )

@@ -187,21 +187,24 @@ def _print_help_header() -> None:
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     launcher, megatron_argv = _split_launcher_args(argv)
-    if "-h" in megatron_argv or "--help" in megatron_argv:
+    wants_help = "-h" in megatron_argv or "--help" in megatron_argv
+    if wants_help:
         _print_help_header()
     state = LaunchState(builtin_entry=not launcher.megatron_lm)
     try:
         with hooks.active(*LAUNCH_HOOKS, context=state):
-            _launch(launcher, megatron_argv)
+            _launch(launcher, megatron_argv, wants_help)
     except ValueError as err:
         print(f"{PROG}: error: {err}", file=sys.stderr)
         return 2
     return 0
 
 
-def _launch(launcher, megatron_argv: list[str]) -> None:
+def _launch(launcher, megatron_argv: list[str], wants_help: bool) -> None:
     sys.argv = [PROG, *apply_schedule_defaults(megatron_argv)]
-    if launcher.megatron_lm:
+    # --help: our parser's help (the same Megatron flags): Megatron-LM main's pretrain_gpt.py parses
+    # --help in its in-process-restart wrapper, outside our hooks, and its help crashes on a bare '%'
+    if launcher.megatron_lm and not wants_help:
         name = "pretrain_hybrid.py" if "--hybrid-layer-pattern" in megatron_argv else "pretrain_gpt.py"
         script = os.path.join(launcher.megatron_lm, name)
         if not os.path.isfile(script):
