@@ -76,7 +76,8 @@ def test_saved_activation_bytes_match_the_planner(block):
     plan = plan_recompute(layers, hidden, n, seq=16, micro_batch=2, act_bytes=4, block_size=block)
     assert without == pytest.approx(plan.stored_bytes_without, rel=0.10)
     assert with_rc == pytest.approx(plan.stage_stored_bytes_with[0], rel=0.10)
-    assert with_rc < 0.6 * without
+    # (at C = 32 the kept coefficient floats, 49 per sublayer, weigh more than at real widths)
+    assert with_rc < 0.7 * without
     assert plan.stored_bytes_without == tokens * stored_bytes_per_token(2 * layers, hidden, n, 4, None)
 
 
@@ -109,9 +110,9 @@ def test_blocks_never_cross_a_stage_boundary(pp):
 
 def test_interleaved_block_forward_is_refused():
     block = BlockRecompute(block_index=0, size=2, first_sublayer=0)
-    block.chain_for(0, torch.zeros(3), post_fn=None)
+    block.chain_for(0, torch.zeros(3))
     with pytest.raises(RuntimeError, match="did not receive the output of the sublayer before it"):
-        block.chain_for(1, torch.zeros(3), post_fn=None)
+        block.chain_for(1, torch.zeros(3))
 
 
 def test_full_megatron_recompute_is_refused_with_mhc_recompute():
