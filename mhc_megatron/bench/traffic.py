@@ -136,12 +136,13 @@ def run_once(cfg: TrafficConfig, tokens: int, count: int, recompute: bool) -> li
     dt = DTYPES[cfg.dtype]
     C, n = cfg.hidden, cfg.n
     x0 = torch.randn(tokens, 1, n * C, generator=gen).to(dt).requires_grad_()
-    bias = torch.nn.Parameter(0.1 * torch.randn(C, generator=gen).to(dt)) if cfg.bias else None
+    # each sublayer's own output bias (Megatron's linear bias, in the model dtype)
+    biases = [torch.nn.Parameter(0.1 * torch.randn(C, generator=gen).to(dt)) if cfg.bias else None for _ in layers]
     g_out = torch.randn(tokens, 1, n * C, generator=gen).to(dt)
     with TrafficCounter() as counter:
         with counter.phase("forward"):
             h = x0
-            for inp, out in layers:
+            for (inp, out), bias in zip(layers, biases):
                 normed, residual = inp(h)
                 f = _OpaqueF.apply(normed, counter)
                 h = out(training=True, fused=config.bias_dropout_fusion)((f, bias), residual, config.hidden_dropout)

@@ -75,6 +75,7 @@ class SublayerInputFunction(torch.autograd.Function):
         ctx.save_for_backward(x if keep_x else None, phi, bias, alpha, proj, sumsq, h_pre)
         ctx.n, ctx.iters, ctx.eps, ctx.link, ctx.x_shape = n, iters, eps, link, x.shape
         ctx.mark_non_differentiable(h_pre)
+        ctx.set_materialize_grads(False)  # no zeros for outputs without a gradient (h_pre)
         return y, h_pre, h_post, h_res
 
     @staticmethod
