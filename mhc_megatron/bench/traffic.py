@@ -41,12 +41,13 @@ class TrafficConfig:
     sinkhorn_iters: int = 20
     bandwidth_gbps: float = 4800.0  # H200 SXM peak HBM3e bandwidth, for the estimate only
     estimate_tokens: int = 16384
+    sms: int = 132  # SMs the launch heuristics assume (an H200's): they set the token splits
 
     def validate(self) -> None:
         from ..kernels._common import SUPPORTED_STREAMS
 
-        if self.tokens < 1 or self.tokens % 64:
-            raise ValueError(f"--tokens must be a positive multiple of 64 (the largest token block), got {self.tokens}")
+        if self.tokens < 1 or self.tokens % 32:
+            raise ValueError(f"--tokens must be a positive multiple of 32 (the token blocks), got {self.tokens}")
         if self.hidden < 1:
             raise ValueError(f"--hidden must be >= 1, got {self.hidden}")
         if self.n not in SUPPORTED_STREAMS:
@@ -57,6 +58,8 @@ class TrafficConfig:
             raise ValueError(f"--block-size must be >= 1, got {self.block_size}")
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"--dropout must be in [0, 1), got {self.dropout}")
+        if self.sms < 1:
+            raise ValueError(f"--sms must be >= 1, got {self.sms}")
         if self.bandwidth_gbps <= 0:
             raise ValueError(f"--bandwidth-gbps must be > 0, got {self.bandwidth_gbps}")
 
@@ -131,6 +134,16 @@ def _modules(cfg: TrafficConfig, count: int, recompute: bool):
 
 def run_once(cfg: TrafficConfig, tokens: int, count: int, recompute: bool) -> list[Launch]:
     """One forward + backward through ``count`` sublayers; the launches, counted."""
+    from ..kernels import _common
+
+    saved, _common.INTERPRETER_SMS = _common.INTERPRETER_SMS, cfg.sms
+    try:
+        return _run_once(cfg, tokens, count, recompute)
+    finally:
+        _common.INTERPRETER_SMS = saved
+
+
+def _run_once(cfg: TrafficConfig, tokens: int, count: int, recompute: bool) -> list[Launch]:
     gen = torch.Generator().manual_seed(0)
     config, layers = _modules(cfg, count, recompute)
     dt = DTYPES[cfg.dtype]
@@ -162,7 +175,10 @@ def _per_token(small: list[Launch], big: list[Launch], tokens: int, per: int) ->
     """Per kernel (phase, name): launches and bytes per token / per call, per sublayer."""
     a, b = _group(small), _group(big)
     if list(a) != list(b) or any(len(a[k]) != len(b[k]) for k in a):
-        raise RuntimeError("the launches at T and 2T tokens differ; the per-token split needs the same launches")
+        raise ValueError(
+            "the launches at T and 2T tokens differ (at this width the projection backward splits the tokens "
+            "into more parts as T grows); use more --tokens or fewer --sms"
+        )
     rows = []
     fields = ("read_unique", "write_unique", "read_requested", "write_requested")
     for key, runs in a.items():

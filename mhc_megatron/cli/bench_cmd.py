@@ -67,7 +67,7 @@ def _add_traffic_parser(bench) -> None:
             "twice that: the difference is the per-token traffic, the rest the per-call traffic (parameters)."
         ),
     )
-    t.add_argument("--tokens", type=int, default=d.tokens, help="tokens, a multiple of 64 (default %(default)s)")
+    t.add_argument("--tokens", type=int, default=d.tokens, help="tokens, a multiple of 32 (default %(default)s)")
     t.add_argument("--hidden", type=int, default=d.hidden, help="width C (default %(default)s)")
     t.add_argument("--expansion-rate", type=int, default=d.n, help="streams n (default %(default)s)")
     t.add_argument("--dtype", choices=("bf16", "fp16", "fp32"), default=d.dtype, help="stream dtype (default %(default)s)")
@@ -79,6 +79,7 @@ def _add_traffic_parser(bench) -> None:
     t.add_argument("--no-bda-fusion", action="store_true", help="as Megatron's --no-bias-dropout-fusion")
     t.add_argument("--bandwidth-gbps", type=float, default=d.bandwidth_gbps, help="for the time estimate (default %(default)s, H200 peak)")
     t.add_argument("--estimate-tokens", type=int, default=d.estimate_tokens, help="tokens of the estimate (default %(default)s)")
+    t.add_argument("--sms", type=int, default=d.sms, help="SMs the launch heuristics assume (default %(default)s, H200)")
     t.add_argument("--json", action="store_true", help="print one JSON object")
     t.set_defaults(run=run_traffic)
 
@@ -145,6 +146,7 @@ def run_traffic(args) -> int:
         tokens=args.tokens, hidden=args.hidden, n=args.expansion_rate, dtype=args.dtype, recompute=args.recompute,
         block_size=args.block_size, bias=args.bias, dropout=args.dropout, fused_bda=not args.no_bda_fusion,
         sinkhorn_iters=args.sinkhorn_iters, bandwidth_gbps=args.bandwidth_gbps, estimate_tokens=args.estimate_tokens,
+        sms=args.sms,
     )
     cfg.validate()
     report = measure(cfg)

@@ -103,30 +103,37 @@ def block_t(n: int) -> int:
     return 32 if n <= 4 else 8
 
 
+def sinkhorn_fwd(logits: torch.Tensor, iters: int) -> torch.Tensor:
+    """``[T, n, n]`` fp32 logits -> the doubly stochastic matrices."""
+    T, n, _ = logits.shape
+    out = torch.empty_like(logits)
+    if T:
+        bt = block_t(n)
+        _sinkhorn_fwd_kernel[(triton.cdiv(T, bt),)](logits, out, T, ITERS=iters, N=n, BLOCK_T=bt)
+    return out
+
+
+def sinkhorn_bwd(logits: torch.Tensor, g_out: torch.Tensor, iters: int) -> torch.Tensor:
+    T, n, _ = logits.shape
+    g_in = torch.empty_like(logits)
+    if T:
+        bt = block_t(n)
+        _sinkhorn_bwd_kernel[(triton.cdiv(T, bt),)](logits, g_out, g_in, T, ITERS=iters, N=n, BLOCK_T=bt)
+    return g_in
+
+
 class SinkhornFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, logits, iters):
-        T, n, _ = logits.shape
-        out = torch.empty_like(logits)
-        if T:
-            bt = block_t(n)
-            _sinkhorn_fwd_kernel[(triton.cdiv(T, bt),)](logits, out, T, ITERS=iters, N=n, BLOCK_T=bt)
         ctx.save_for_backward(logits)
         ctx.iters = iters
-        return out
+        return sinkhorn_fwd(logits, iters)
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, g_out):
         (logits,) = ctx.saved_tensors
-        T, n, _ = logits.shape
-        g_in = torch.empty_like(logits)
-        if T:
-            bt = block_t(n)
-            _sinkhorn_bwd_kernel[(triton.cdiv(T, bt),)](
-                logits, g_out.float().contiguous(), g_in, T, ITERS=ctx.iters, N=n, BLOCK_T=bt
-            )
-        return g_in, None
+        return sinkhorn_bwd(logits, g_out.float().contiguous(), ctx.iters), None
 
 
 def sinkhorn_knopp_triton(logits: torch.Tensor, iters: int) -> torch.Tensor:
