@@ -41,12 +41,12 @@ BLOCK_T_PROJ = 32  # tokens per step of the projection backward (a token split i
 
 
 def _proj_configs():
-    shapes = ((32, 64, 4, 3), (32, 32, 8, 3), (32, 128, 8, 3), (64, 64, 8, 3), (16, 128, 4, 3))
+    shapes = ((32, 64, 4, 3), (32, 32, 8, 3), (32, 128, 8, 3), (64, 64, 8, 3))
     return [triton.Config({"BLOCK_T": bt, "BLOCK_K": bk}, num_warps=w, num_stages=s) for bt, bk, w, s in shapes]
 
 
 def _proj_bwd_configs():
-    shapes = ((64, 4, 3), (32, 8, 3), (32, 4, 3), (128, 8, 3), (64, 8, 4))
+    shapes = ((64, 4, 3), (32, 8, 3), (128, 8, 3), (64, 8, 4))
     return [triton.Config({"BLOCK_K": bk}, num_warps=w, num_stages=s) for bk, w, s in shapes]
 
 
@@ -120,7 +120,7 @@ def _logits(pre, post, res, inv_r, bias_ptr, alpha_ptr, N: tl.constexpr):
     return pre, post, res
 
 
-@autotune([triton.Config({}, num_warps=w) for w in (4, 2, 8)], key=["M", "N", "ITERS"], prune=_prune_none)
+@autotune([triton.Config({}, num_warps=w) for w in (4, 8)], key=["M", "N", "ITERS"], prune=_prune_none)
 @triton.jit
 def _finish_fwd_kernel(
     proj_ptr, sumsq_ptr, bias_ptr, alpha_ptr, h_pre_ptr, h_post_ptr, h_res_ptr,
@@ -138,7 +138,7 @@ def _finish_fwd_kernel(
     tl.store(h_res_ptr + res_offs, sinkhorn_forward(res, ITERS), mask=tmask[:, None, None])
 
 
-@autotune([triton.Config({}, num_warps=w) for w in (4, 2, 8)], key=["M", "N", "ITERS"], prune=_prune_none)
+@autotune([triton.Config({}, num_warps=w) for w in (4, 8)], key=["M", "N", "ITERS"], prune=_prune_none)
 @triton.jit
 def _finish_bwd_kernel(
     proj_ptr, sumsq_ptr, bias_ptr, alpha_ptr, g_pre_ptr, g_post_ptr, g_res_ptr, g_proj_ptr, c_ptr, partial_ptr,

@@ -47,6 +47,19 @@ class _Launch:
     configs: list  # [dict of extra kwargs] (one per surviving autotune config)
 
 
+def _signature(launch: _Launch):
+    def describe(v):
+        return (str(v.dtype), tuple(v.shape)) if hasattr(v, "dtype") else v
+
+    return launch.fn.__name__, tuple(map(describe, launch.args)), tuple(sorted(launch.kwargs.items()))
+
+
+def _add(found: list, launch: _Launch) -> None:
+    """Record a launch unless the same kernel already ran with the same kind of arguments."""
+    if all(_signature(other) != _signature(launch) for other in found):
+        found.append(launch)
+
+
 @contextlib.contextmanager
 def _captured_launches(found: list):
     """Kernel launches are recorded instead of run."""
@@ -54,13 +67,13 @@ def _captured_launches(found: list):
     from triton.runtime.jit import JITFunction
 
     def jit_run(self, *args, grid, warmup, **kwargs):
-        found.append(_Launch(self, args, kwargs, [{}]))
+        _add(found, _Launch(self, args, kwargs, [{}]))
 
     def tuner_run(self, *args, **kwargs):
         self.nargs = dict(zip(self.arg_names, args))
         configs = [c.all_kwargs() for c in self.prune_configs(kwargs)]
         self.nargs = None
-        found.append(_Launch(self.fn, args, {k: v for k, v in kwargs.items() if k not in ("grid", "warmup")}, configs))
+        _add(found, _Launch(self.fn, args, {k: v for k, v in kwargs.items() if k not in ("grid", "warmup")}, configs))
 
     saved = JITFunction.run, Autotuner.run
     JITFunction.run, Autotuner.run = jit_run, tuner_run
@@ -146,21 +159,35 @@ def _compile(launch: _Launch, extra: dict, arch: int):
     return compiled, config, aligned
 
 
-def compile_all(arch: int = 90, streams=KERNELS_PER_N) -> list[CompileResult]:
+def _compile_one(job: tuple[int, int, int, int]) -> CompileResult:
+    n, i, j, arch = job
+    launch = _launches(n)[i]
+    compiled, config, aligned = _compile(launch, launch.configs[j], arch)
+    regs, spills = _ptxas_usage(compiled.asm["ptx"], arch)
+    return CompileResult(launch.fn.__name__, config, arch, regs, spills, ", ".join(aligned))
+
+
+def compile_all(arch: int = 90, streams=KERNELS_PER_N, workers: int | None = None) -> list[CompileResult]:
+    """Every (launch, surviving config) at SHAPE for each n, compiled in ``workers`` processes."""
     if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
         raise RuntimeError("unset TRITON_INTERPRET: the interpreter replaces the kernels with Python")
-    results, seen = [], set()
-    for n in streams:
-        for launch in _launches(n):
-            for extra in launch.configs:
-                compiled, config, aligned = _compile(launch, extra, arch)
-                key = (launch.fn.__name__, config)
-                if key in seen:
-                    continue
-                seen.add(key)
-                regs, spills = _ptxas_usage(compiled.asm["ptx"], arch)
-                results.append(CompileResult(launch.fn.__name__, config, arch, regs, spills, ", ".join(aligned)))
-    return results
+    jobs = [(n, i, j, arch) for n in streams for i, launch in enumerate(_launches(n))
+            for j in range(len(launch.configs))]
+    workers = workers or os.cpu_count() or 1
+    if workers == 1:
+        results = [_compile_one(job) for job in jobs]
+    else:
+        import concurrent.futures
+        import multiprocessing
+
+        with concurrent.futures.ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as pool:
+            results = list(pool.map(_compile_one, jobs))
+    unique, seen = [], set()
+    for r in results:  # launches that compile to the same specialisation are listed once
+        if (r.kernel, r.config) not in seen:
+            seen.add((r.kernel, r.config))
+            unique.append(r)
+    return unique
 
 
 def markdown(results: list[CompileResult]) -> str:
@@ -176,10 +203,17 @@ def main(argv=None) -> int:
     p.add_argument("arch", nargs="?", type=int, default=90, help="compute capability x 10 (default 90)")
     p.add_argument("--n", type=int, action="append", help="expansion rates (default 1, 2, 4, 8)")
     p.add_argument("--markdown", action="store_true", help="print the docs table")
+    p.add_argument("--json", action="store_true", help="print the results as JSON")
     args = p.parse_args(argv)
     results = compile_all(args.arch, tuple(args.n or KERNELS_PER_N))
     if args.markdown:
         print(markdown(results))
+        return 0
+    if args.json:
+        import dataclasses
+        import json
+
+        print(json.dumps([dataclasses.asdict(r) for r in results]))
         return 0
     print(f"{'kernel':<24}{'config':<72}{'regs':>6}{'spill B':>9}  aligned / divisible by 16")
     for r in results:

@@ -27,8 +27,8 @@ from ._common import autotune, fit_block_c
 
 BIAS_BLOCK_T = 32  # tokens per backward program with a bias: C / 32 partial floats per token
 
-_FWD_CONFIGS = [triton.Config({"BLOCK_C": bc}, num_warps=w) for bc, w in ((1024, 4), (512, 4), (2048, 8), (256, 2))]
-_BWD_CONFIGS = [triton.Config({"BLOCK_C": bc}, num_warps=w) for bc, w in ((512, 4), (256, 4), (1024, 8), (128, 2))]
+_FWD_CONFIGS = [triton.Config({"BLOCK_C": bc}, num_warps=w) for bc, w in ((1024, 4), (512, 4), (2048, 8))]
+_BWD_CONFIGS = [triton.Config({"BLOCK_C": bc}, num_warps=w) for bc, w in ((512, 4), (256, 4), (1024, 8))]
 
 
 def _prune(configs, args):

@@ -15,8 +15,8 @@ import triton.language as tl
 
 from ._common import autotune, fit_block_c
 
-_FWD_CONFIGS = [triton.Config({"BLOCK_C": bc}, num_warps=w) for bc, w in ((1024, 4), (512, 4), (2048, 8), (256, 2))]
-_BWD_CONFIGS = [triton.Config({"BLOCK_C": bc}, num_warps=w) for bc, w in ((1024, 4), (512, 4), (2048, 8), (256, 2))]
+_FWD_CONFIGS = [triton.Config({"BLOCK_C": bc}, num_warps=w) for bc, w in ((1024, 4), (512, 4), (2048, 8))]
+_BWD_CONFIGS = [triton.Config({"BLOCK_C": bc}, num_warps=w) for bc, w in ((1024, 4), (512, 4), (2048, 8))]
 
 
 def _prune(configs, args):
