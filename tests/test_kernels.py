@@ -294,3 +294,25 @@ def test_megatron_layers_with_triton_kernels_match_the_reference(recompute):
     for name, g in grads_r.items():
         scale = g.abs().max().clamp_min(1.0)
         torch.testing.assert_close(grads_t[name] / scale, g / scale, **tol("tf32 grad", torch.float32), msg=name)
+
+
+def test_autotune_pruning_keeps_fitting_configs_and_the_interpreter_runs_the_first():
+    import triton
+
+    from mhc_megatron.kernels import coefficients as co
+    from mhc_megatron.kernels import pre
+    from mhc_megatron.kernels._common import fit_block_c
+
+    configs = [triton.Config({"BLOCK_C": bc}) for bc in (1024, 512, 2048)]
+    assert [c.kwargs["BLOCK_C"] for c in fit_block_c(configs, 4096)] == [1024, 512, 2048]
+    assert [c.kwargs["BLOCK_C"] for c in fit_block_c(configs, 600)] == [1024, 512]
+    assert [c.kwargs["BLOCK_C"] for c in fit_block_c(configs, 33)] == [512]  # the narrowest when none fits
+    # projection tiles beyond the register budget go (n = 8: m = 80, MP = 128)
+    kept = co._prune_proj(co._proj_configs(), {"MP": 128, "K": 8 * 4096})
+    assert kept and all(c.kwargs["BLOCK_T"] * 128 + 2 * c.kwargs["BLOCK_K"] * 128 + c.kwargs["BLOCK_T"] * c.kwargs["BLOCK_K"]
+                        <= co._TILE_REGISTERS * 32 * c.num_warps for c in kept)
+    assert len(kept) < len(co._proj_configs())
+    if DEVICE == "cpu":
+        x, h = torch.randn(3, 4, 4096), torch.rand(3, 4)
+        ops.mhc_pre(x, h, backend="triton")
+        assert pre._pre_fwd_kernel.best_config.kwargs["BLOCK_C"] == 1024  # the first config, untimed

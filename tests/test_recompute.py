@@ -32,6 +32,17 @@ def test_gradients_with_recompute_equal_those_without(mode, block):
         torch.testing.assert_close(grads[name], g, rtol=1e-6, atol=1e-7, msg=name)
 
 
+@pytest.mark.parametrize("block", [1, 4])
+def test_kernel_path_gradients_with_recompute_equal_those_without(block):
+    """The Triton kernels: the two halves take x from the chain, post+res replays rebuild it."""
+    base = MHCSettings(mode="mhc", expansion_rate=4, backend="triton")
+    loss_ref, grads_ref = _loss_and_grads(base, layers=2)
+    loss, grads = _loss_and_grads(base.replace(recompute=True, recompute_block_size=block), layers=2)
+    torch.testing.assert_close(loss, loss_ref, rtol=0, atol=0)
+    for name, g in grads_ref.items():
+        torch.testing.assert_close(grads[name], g, rtol=1e-6, atol=1e-7, msg=name)
+
+
 def test_recompute_in_bf16_matches_bf16_without():
     base = MHCSettings(mode="mhc", expansion_rate=4)
     loss_ref, grads_ref = _loss_and_grads(base, dtype=torch.bfloat16)
