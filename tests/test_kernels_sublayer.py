@@ -202,3 +202,25 @@ def test_bad_dropout_probability_is_refused():
     with pytest.raises(ValueError, match=r"dropout probability must be in \[0, 1\), got 1.0"):
         ops.mhc_post_res(x, torch.zeros(2, 8, device=DEVICE), torch.zeros(2, 4, device=DEVICE),
                          torch.zeros(2, 4, 4, device=DEVICE), dropout=1.0, training=True)
+
+
+@pytest.mark.parametrize("n", [2, 8])
+@pytest.mark.parametrize("bias", [False, True])
+def test_post_res_over_several_c_chunks(n, bias):
+    """C = 1100: three 512-wide chunks, so the backward sums its coefficient gradients over
+    chunks (in registers without a bias, in the output with one)."""
+    T, C = 5, 1100
+    x = torch.randn(T, n, C, device=DEVICE)
+    inputs = [x, torch.randn(T, C, device=DEVICE), 2 * torch.rand(T, n, device=DEVICE),
+              torch.rand(T, n, n, device=DEVICE), torch.randn(C, device=DEVICE) if bias else None]
+    g_out = torch.randn_like(x)
+
+    def run(backend):
+        leaves = [None if t is None else t.detach().clone().requires_grad_() for t in inputs]
+        out = ops.mhc_post_res(*leaves[:4], backend=backend, bias=leaves[4])
+        return out, torch.autograd.grad(out, [t for t in leaves if t is not None], g_out)
+
+    (out_t, grads_t), (out_r, grads_r) = run("triton"), run("reference")
+    torch.testing.assert_close(out_t, out_r, **tol("output", torch.float32))
+    for a, b in zip(grads_t, grads_r):
+        torch.testing.assert_close(a, b, **tol("grad", torch.float32))
