@@ -10,11 +10,13 @@ random numbers come from Philox with a seed drawn from torch's generator of the 
 call (so Megatron's RNG-tracker forks and activation checkpointing see it like any torch
 dropout), and the backward regenerates the same mask from that seed.
 
-The backward reads ``g_out``, ``x`` and ``f`` once and writes ``g_x`` and ``g_f``; the
-coefficient gradients (``g_H_post = g_out · f'``, ``g_H_res = g_out · x^T``, reductions over C)
-stay in registers. Without a bias one program handles one token. With a bias, one program
-handles ``BIAS_BLOCK_T`` tokens (C-chunks outer, tokens inner) so that the bias gradient is one
-row of partial sums per program, summed by ``_sum_rows``.
+The backward reads ``g_out``, ``x`` and ``f`` once and writes ``g_x`` and ``g_f``, with the
+coefficient gradients ``g_H_post = g_out · f'`` and ``g_H_res = g_out · x^T`` (reductions over
+C). Without a bias one program handles one token and sums those in registers. With a bias, one
+program handles ``BIAS_BLOCK_T`` tokens, C-chunks outer and tokens inner, so that the bias
+gradient is one row of partial sums per program (summed by ``_sum_rows``); the coefficient
+gradients are then summed over the chunks in their output (a few floats per token re-read from
+cache: n + n^2 floats per chunk after the first).
 """
 
 from __future__ import annotations
@@ -32,6 +34,14 @@ _BWD_CONFIGS = [triton.Config({"BLOCK_C": bc}, num_warps=w) for bc, w in ((512, 
 
 
 def _prune(configs, args):
+    return fit_block_c(configs, args["C"])
+
+
+def _prune_bwd(configs, args):
+    """As ``_prune``; with a bias the token loop's [n, BLOCK_C] tiles spill past 512 elements
+    per warp at n = 8 (compile_check, sm_80)."""
+    if args["HAS_BIAS"]:
+        configs = [c for c in configs if args["N"] * c.kwargs["BLOCK_C"] <= 512 * c.num_warps] or configs[-1:]
     return fit_block_c(configs, args["C"])
 
 
@@ -69,7 +79,31 @@ def _post_res_fwd_kernel(
     tl.store(out_ptr + offs, out.to(out_ptr.dtype.element_ty), mask=cmask[None, :])
 
 
-@autotune(_BWD_CONFIGS, key=["C", "N", "HAS_BIAS", "DROPOUT"], prune=_prune)
+@triton.jit
+def _bwd_tile(g_out_ptr, x_ptr, f_ptr, bias_ptr, seed_ptr, h_post_ptr, h_res_ptr, g_x_ptr, g_f_ptr, t, cols, cmask,
+              C, p, scale, N: tl.constexpr, HAS_BIAS: tl.constexpr, DROPOUT: tl.constexpr):
+    """One token, one C-chunk: stores ``g_x`` and ``g_f``; returns ``g_f`` and this chunk's
+    parts of ``g_H_post`` [N] and ``g_H_res`` [N, N]."""
+    s = tl.arange(0, N)
+    g = tl.load(g_out_ptr + t * N * C + s[:, None] * C + cols[None, :], mask=cmask[None, :], other=0.0)
+    g = g.to(tl.float32)  # [N(i), BC]
+    f, keep = _bias_dropout(f_ptr, bias_ptr, seed_ptr, t, cols, cmask, C, p, scale, HAS_BIAS, DROPOUT)
+    g_f = tl.sum(tl.load(h_post_ptr + t * N + s)[:, None] * g, axis=0)  # w.r.t. f'
+    if DROPOUT:
+        g_f = tl.where(keep, g_f * scale, 0.0)
+    tl.store(g_f_ptr + t * C + cols, g_f.to(g_f_ptr.dtype.element_ty), mask=cmask)
+    post = tl.sum(g * f[None, :], axis=1)
+    res = tl.zeros([N, N], dtype=tl.float32)  # [i, j]
+    for j in tl.static_range(N):  # one stream of x (and of g_x) at a time
+        h_col = tl.load(h_res_ptr + t * N * N + s * N + j)  # H_res[:, j]
+        g_x_j = tl.sum(h_col[:, None] * g, axis=0)
+        tl.store(g_x_ptr + t * N * C + j * C + cols, g_x_j.to(g_x_ptr.dtype.element_ty), mask=cmask)
+        x_j = tl.load(x_ptr + t * N * C + j * C + cols, mask=cmask, other=0.0).to(tl.float32)
+        res += tl.where(s[None, :] == j, tl.sum(g * x_j[None, :], axis=1)[:, None], 0.0)
+    return g_f, post, res
+
+
+@autotune(_BWD_CONFIGS, key=["C", "N", "HAS_BIAS", "DROPOUT"], prune=_prune_bwd)
 @triton.jit
 def _post_res_bwd_kernel(
     g_out_ptr, x_ptr, f_ptr, bias_ptr, seed_ptr, h_post_ptr, h_res_ptr,
@@ -78,42 +112,40 @@ def _post_res_bwd_kernel(
 ):
     pid = tl.program_id(0)
     s = tl.arange(0, N)
-    rows = tl.arange(0, BLOCK_T)
-    acc_post = tl.zeros([BLOCK_T, N], dtype=tl.float32)
-    acc_res = tl.zeros([BLOCK_T, N, N], dtype=tl.float32)  # [token, i, j]
-    for c0 in range(0, C, BLOCK_C):
-        cols = c0 + tl.arange(0, BLOCK_C)
-        cmask = cols < C
-        acc_bias = tl.zeros([BLOCK_C], dtype=tl.float32)
-        for r in range(BLOCK_T):
-            t = pid.to(tl.int64) * BLOCK_T + r
-            if t < T:
-                g = tl.load(g_out_ptr + t * N * C + s[:, None] * C + cols[None, :], mask=cmask[None, :], other=0.0)
-                g = g.to(tl.float32)  # [N(i), BC]
-                f, keep = _bias_dropout(f_ptr, bias_ptr, seed_ptr, t, cols, cmask, C, p, scale, HAS_BIAS, DROPOUT)
-                g_f = tl.sum(tl.load(h_post_ptr + t * N + s)[:, None] * g, axis=0)  # w.r.t. f'
-                if DROPOUT:
-                    g_f = tl.where(keep, g_f * scale, 0.0)
-                tl.store(g_f_ptr + t * C + cols, g_f.to(g_f_ptr.dtype.element_ty), mask=cmask)
-                acc_bias += tl.where(cmask, g_f, 0.0)
-                post = tl.sum(g * f[None, :], axis=1)
-                res = tl.zeros([N, N], dtype=tl.float32)
-                for j in tl.static_range(N):  # one stream of x (and of g_x) at a time
-                    h_col = tl.load(h_res_ptr + t * N * N + s * N + j)  # H_res[:, j]
-                    g_x_j = tl.sum(h_col[:, None] * g, axis=0)
-                    tl.store(g_x_ptr + t * N * C + j * C + cols, g_x_j.to(g_x_ptr.dtype.element_ty), mask=cmask)
-                    x_j = tl.load(x_ptr + t * N * C + j * C + cols, mask=cmask, other=0.0).to(tl.float32)
-                    res += tl.where(s[None, :] == j, tl.sum(g * x_j[None, :], axis=1)[:, None], 0.0)
-                here = rows == r
-                acc_post += tl.where(here[:, None], post[None, :], 0.0)
-                acc_res += tl.where(here[:, None, None], res[None, :, :], 0.0)
-        if HAS_BIAS:
+    mat = s[:, None] * N + s[None, :]
+    if HAS_BIAS:
+        # BLOCK_T tokens, C-chunks outer: the chunk's bias-gradient sum over the tokens stays in
+        # registers; the coefficient gradients are summed over the chunks in their output
+        for c0 in range(0, C, BLOCK_C):
+            cols = c0 + tl.arange(0, BLOCK_C)
+            cmask = cols < C
+            acc_bias = tl.zeros([BLOCK_C], dtype=tl.float32)
+            for r in range(BLOCK_T):
+                t = pid.to(tl.int64) * BLOCK_T + r
+                if t < T:
+                    g_f, post, res = _bwd_tile(g_out_ptr, x_ptr, f_ptr, bias_ptr, seed_ptr, h_post_ptr, h_res_ptr,
+                                               g_x_ptr, g_f_ptr, t, cols, cmask, C, p, scale, N, HAS_BIAS, DROPOUT)
+                    acc_bias += tl.where(cmask, g_f, 0.0)
+                    later = c0 > 0
+                    post += tl.load(g_h_post_ptr + t * N + s, mask=(s < N) & later, other=0.0)
+                    res += tl.load(g_h_res_ptr + t * N * N + mat, mask=(mat < N * N) & later, other=0.0)
+                    tl.store(g_h_post_ptr + t * N + s, post)
+                    tl.store(g_h_res_ptr + t * N * N + mat, res)
             tl.store(g_bias_ptr + pid.to(tl.int64) * C + cols, acc_bias, mask=cmask)
-    tok = pid.to(tl.int64) * BLOCK_T + rows
-    tmask = tok < T
-    tl.store(g_h_post_ptr + tok[:, None] * N + s[None, :], acc_post, mask=tmask[:, None])
-    mat = tok[:, None, None] * N * N + s[None, :, None] * N + s[None, None, :]
-    tl.store(g_h_res_ptr + mat, acc_res, mask=tmask[:, None, None])
+    else:
+        # one token, the coefficient gradients summed over the C-chunks in registers
+        t = pid.to(tl.int64)
+        acc_post = tl.zeros([N], dtype=tl.float32)
+        acc_res = tl.zeros([N, N], dtype=tl.float32)
+        for c0 in range(0, C, BLOCK_C):
+            cols = c0 + tl.arange(0, BLOCK_C)
+            cmask = cols < C
+            _, post, res = _bwd_tile(g_out_ptr, x_ptr, f_ptr, bias_ptr, seed_ptr, h_post_ptr, h_res_ptr,
+                                     g_x_ptr, g_f_ptr, t, cols, cmask, C, p, scale, N, HAS_BIAS, DROPOUT)
+            acc_post += post
+            acc_res += res
+        tl.store(g_h_post_ptr + t * N + s, acc_post)
+        tl.store(g_h_res_ptr + t * N * N + mat, acc_res)
 
 
 @triton.jit
