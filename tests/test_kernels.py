@@ -262,6 +262,23 @@ def test_bench_kernels_cpu_smoke():
     assert all(r["ms"] > 0 and r["floor_bytes"] > 0 for r in report["records"])
 
 
+def test_bench_kernels_refuses_liger_when_it_is_not_installed(monkeypatch):
+    import builtins
+
+    from mhc_megatron.bench.kernels import run_benchmark
+
+    real_import = builtins.__import__
+
+    def no_liger(name, *args, **kwargs):
+        if name.startswith("liger_kernel"):
+            raise ImportError(name)
+        return real_import(name, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "__import__", no_liger)
+    with pytest.raises(ValueError, match="--impls has liger but liger_kernel is not importable"):
+        run_benchmark(tokens=(4,), hidden=(16,), impls=("liger",), device="cpu", warmup=0, reps=1)
+
+
 def test_memory_floor_matches_the_spec_table():
     from mhc_megatron.bench.kernels import floor_bytes
 
@@ -270,6 +287,9 @@ def test_memory_floor_matches_the_spec_table():
     assert floor_bytes("post_res", "fwd", T, n, C) == T * (2 * (2 * n + 1) * C + 4 * (n + n * n))
     # coefficients: read nC once, write n^2 + 2n floats
     assert floor_bytes("coefficients", "fwd", T, n, C) == T * (2 * n * C + 4 * (n * n + 2 * n))
+    # the fused sublayer: (4n + 2)C forward, (9n + 3)C backward (derived in docs/kernels.md)
+    assert floor_bytes("sublayer", "fwd", T, n, C) == T * 2 * 18 * C
+    assert floor_bytes("sublayer", "bwd", T, n, C) == T * 2 * 39 * C
 
 
 @pytest.mark.usefixtures("megatron_world")

@@ -18,7 +18,7 @@ def add_parser(sub) -> None:
         description=(
             "Time coefficients, pre-mix, post+residual and the whole mHC sublayer, forward and "
             "backward, for our Triton kernels, the PyTorch reference, torch.compile of the reference "
-            "and Liger-Kernel (when importable); print time, GB/s against the memory-traffic floor, "
+            "and Liger-Kernel (liger in --impls needs liger_kernel installed); print time, GB/s against the memory-traffic floor, "
             "the fraction of the measured copy bandwidth, and the speed-up over the reference. "
             "--device cpu runs a tiny smoke version in Triton's interpreter (timings meaningless)."
         ),
