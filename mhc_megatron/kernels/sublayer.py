@@ -39,6 +39,7 @@ class SublayerLink:
     def __init__(self, x_source=None):
         self.x_source = x_source
         self._grad: torch.Tensor | None = None
+        self._written = None
 
     @property
     def keeps_x(self) -> bool:
@@ -51,10 +52,31 @@ class SublayerLink:
         if self._grad is not None:
             raise RuntimeError("mHC sublayer: the post+res backward ran twice before the input half took its gradient")
         self._grad = g_x
+        # the post+res step may run on the high-priority stream: remember where g_x was written
+        self._written = _record_event(g_x)
 
     def take_grad(self) -> torch.Tensor | None:
         g, self._grad = self._grad, None
+        if g is not None:
+            _use_on_current_stream(g, self._written)
         return g
+
+
+def _record_event(t: torch.Tensor):
+    if not t.is_cuda:
+        return None
+    event = torch.cuda.Event()
+    event.record(torch.cuda.current_stream(t.device))
+    return event
+
+
+def _use_on_current_stream(t: torch.Tensor, written) -> None:
+    """Order this stream after the write of ``t`` and keep the allocator from reusing ``t``'s
+    memory before this stream is done with it (a tensor that crosses streams outside autograd)."""
+    if t.is_cuda and written is not None:
+        stream = torch.cuda.current_stream(t.device)
+        stream.wait_event(written)
+        t.record_stream(stream)
 
 
 class SublayerInputFunction(torch.autograd.Function):

@@ -38,6 +38,7 @@ class RecomputeChain:
         self.replays: dict[int, object] = {}  # position -> replay(x) -> the next position's input
         self.uses: dict[int, int] = {}  # position -> backward steps still to take x
         self.last_output_ptr: int | None = None
+        self._rebuilt_on: dict[int, object] = {}  # position -> the CUDA stream that rebuilt it
 
     def register_use(self, position: int) -> None:
         self.uses[position] = self.uses.get(position, 0) + 1
@@ -59,12 +60,17 @@ class RecomputeChain:
                 for p in range(start, position):
                     x = self.replays[p](x)
                     self.x[p + 1] = x
+                    if x.is_cuda:
+                        self._rebuilt_on[p + 1] = torch.cuda.current_stream(x.device)
             for p in range(position):  # inputs below position are rebuilt or kept: drop the rest
                 self.replays.pop(p, None)
         x = self.x[position]
         self.uses[position] -= 1
         if self.uses[position] == 0:
             del self.x[position]
+        if x.is_cuda:  # rebuilt on one stream, maybe used on another (the high-priority post+res one)
+            torch.cuda.current_stream(x.device).wait_stream(self._rebuilt_on.get(position, torch.cuda.current_stream(x.device)))
+            x.record_stream(torch.cuda.current_stream(x.device))
         return x
 
     def source(self, position: int):
