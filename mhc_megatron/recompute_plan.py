@@ -4,8 +4,9 @@ Counting is per token and per *sublayer* (attention and MLP each count as one mH
 Without recompute every sublayer keeps, for backward, its n-stream input ``x`` (nC elements),
 its sublayer output ``f`` (C) and a few fp32 coefficient tensors. With recompute in blocks of
 ``L_r`` sublayers, a block keeps only its first input ``x_{l0}`` (nC), each sublayer's ``f``
-(C) and the small post-mix inputs (``H_post``, ``H_res``); in backward the block's inputs
-``x_{l0+1} ... x_{l0+L_r-1}`` are recomputed from them (a transient of ``(L_r - 1) nC``).
+(C) and the small per-token coefficient floats (the Triton kernels keep all of them: recomputing
+them would re-read ``x``); in backward the block's inputs ``x_{l0+1} ... x_{l0+L_r-1}`` are
+recomputed from them (a transient of ``(L_r - 1) nC``).
 
 The block size minimises the spec's cost ``nC ceil(L/L_r) + (n+2)C L_r`` over the sublayers of
 one pipeline stage (or virtual chunk): ``L_r* = sqrt(n L / (n + 2))``, taken as the integer
@@ -63,7 +64,7 @@ def stored_bytes_per_token(
     kept_inputs = blocks * n * hidden * act_bytes
     if first_stage:
         kept_inputs -= (n - 1) * hidden * act_bytes
-    kept_small = (n + n * n) * FP32  # H_post and H_res, inputs of the recomputed post-mix
+    kept_small = coefficient_floats(n) * FP32  # kept, not recomputed: see the module docstring
     return kept_inputs + sublayers * (hidden * act_bytes + kept_small)
 
 

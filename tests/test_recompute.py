@@ -43,6 +43,17 @@ def test_recompute_with_upstream_numerics_equals_without():
         torch.testing.assert_close(grads[name], g, rtol=1e-6, atol=1e-7, msg=name)
 
 
+@pytest.mark.parametrize("block", [1, 4])
+def test_kernel_path_gradients_with_recompute_equal_those_without(block):
+    """The Triton kernels: the two halves take x from the chain, post+res replays rebuild it."""
+    base = MHCSettings(mode="mhc", expansion_rate=4, backend="triton")
+    loss_ref, grads_ref = _loss_and_grads(base, layers=2)
+    loss, grads = _loss_and_grads(base.replace(recompute=True, recompute_block_size=block), layers=2)
+    torch.testing.assert_close(loss, loss_ref, rtol=0, atol=0)
+    for name, g in grads_ref.items():
+        torch.testing.assert_close(grads[name], g, rtol=1e-6, atol=1e-7, msg=name)
+
+
 def test_recompute_in_bf16_matches_bf16_without():
     base = MHCSettings(mode="mhc", expansion_rate=4)
     loss_ref, grads_ref = _loss_and_grads(base, dtype=torch.bfloat16)
@@ -87,7 +98,8 @@ def test_saved_activation_bytes_match_the_planner(block):
     plan = plan_recompute(layers, hidden, n, seq=16, micro_batch=2, act_bytes=4, block_size=block)
     assert without == pytest.approx(plan.stored_bytes_without, rel=0.10)
     assert with_rc == pytest.approx(plan.stage_stored_bytes_with[0], rel=0.10)
-    assert with_rc < 0.6 * without
+    # (at C = 32 the kept coefficient floats, 49 per sublayer, weigh more than at real widths)
+    assert with_rc < 0.7 * without
     assert plan.stored_bytes_without == tokens * stored_bytes_per_token(2 * layers, hidden, n, 4, None)
 
 
@@ -120,9 +132,9 @@ def test_blocks_never_cross_a_stage_boundary(pp):
 
 def test_interleaved_block_forward_is_refused():
     block = BlockRecompute(block_index=0, size=2, first_sublayer=0)
-    block.chain_for(0, torch.zeros(3), post_fn=None)
+    block.chain_for(0, torch.zeros(3))
     with pytest.raises(RuntimeError, match="did not receive the output of the sublayer before it"):
-        block.chain_for(1, torch.zeros(3), post_fn=None)
+        block.chain_for(1, torch.zeros(3))
 
 
 def test_full_megatron_recompute_is_refused_with_mhc_recompute():

@@ -7,11 +7,16 @@ whole mHC sublayer = all three, forward + backward) it times:
 * ``triton``: our fused kernels (``backend="triton"``);
 * ``reference``: the PyTorch reference, eager (``backend="reference"``);
 * ``compile``: the reference maths under ``torch.compile`` (the approach of upstream Megatron);
-* ``liger``: Liger-Kernel's mHC ops, when ``liger_kernel`` is importable (its coefficient maths
-  differs in small details — a row softmax first and epsilons — but moves the same bytes).
+* ``liger``: Liger-Kernel's mHC ops (``liger_kernel`` must be importable when asked for; its
+  coefficient maths differs in small details — a row softmax first and epsilons — but moves the
+  same bytes).
+
+The ``sublayer`` row of ``triton`` is the fused sublayer path the Megatron layers run (both halves
+sharing one x gradient); the others compose their three ops, and autograd adds the gradients.
 
 Bandwidth is the op's memory-traffic floor (spec section 3: the bytes it must read and write,
-with bf16/fp16 activations and fp32 coefficients) divided by the time, and is also given as a
+with bf16/fp16 activations and fp32 coefficients; for the sublayer the (4n+2)C / (9n+3)C floors
+of docs/kernels.md) divided by the time, and is also given as a
 fraction of the device's copy bandwidth measured at the start of the run.
 """
 
@@ -57,8 +62,10 @@ def floor_bytes(op: str, pass_: str, T: int, n: int, C: int, act: int = 2) -> in
         ("post_res", "fwd"): (n + 1) * C * act + (n + n * n) * 4 + n * C * act,
         ("post_res", "bwd"): n * C * act * 2 + C * act + (n + n * n) * 4 * 2 + n * C * act + C * act,
     }
-    if op == "sublayer":
-        return sum(floor_bytes(o, pass_, T, n, C, act) for o in ("coefficients", "pre", "post_res"))
+    if op == "sublayer":  # the practical floors of the fused sublayer (docs/kernels.md)
+        from .traffic import floors
+
+        return T * floors(n, C, act)["forward" if pass_ == "fwd" else "backward"]
     return T * per_token[(op, pass_)]
 
 
@@ -122,11 +129,14 @@ def _op_fns(impl: str, iters: int):
 
     if impl in ("triton", "reference"):
         b = impl
-        return {
+        fns = {
             "coefficients": lambda x, phi, bias, alpha, **_: ops.mhc_coefficients(x, phi, bias, alpha, iters, backend=b),
             "pre": lambda x, h_pre, **_: ops.mhc_pre(x, h_pre, backend=b),
             "post_res": lambda x, f, h_post, h_res, **_: ops.mhc_post_res(x, f, h_post, h_res, backend=b),
         }
+        if impl == "triton":
+            fns["sublayer"] = _fused_sublayer(iters)
+        return fns
     if impl == "compile":
         ref = _op_fns("reference", iters)
         return {name: torch.compile(fn, dynamic=False) for name, fn in ref.items()}
@@ -156,6 +166,20 @@ def _sublayer(fns):
     return run
 
 
+def _fused_sublayer(iters: int):
+    """What an mHC sublayer runs with the kernels: the two halves sharing one x gradient."""
+
+    def run(x, phi, bias, alpha, f, **_):
+        from ..kernels.post_res import mhc_post_res_triton
+        from ..kernels.sublayer import SublayerLink, mhc_sublayer_input_triton
+
+        link = SublayerLink()
+        y, _, h_post, h_res = mhc_sublayer_input_triton(x, phi, bias, alpha, iters, 1e-6, link)
+        return mhc_post_res_triton(x, f + y, h_post, h_res, None, 0.0, link)[0]
+
+    return run
+
+
 def _differentiable(inputs: dict) -> dict:
     return {k: (v.detach().clone().requires_grad_() if v.is_floating_point() else v) for k, v in inputs.items()}
 
@@ -170,8 +194,9 @@ def run_benchmark(
     for impl in impls:
         fns = _op_fns(impl, iters)
         if fns is None:
-            continue
-        fns = {**fns, "sublayer": _sublayer(fns)}
+            raise ValueError(f"bench kernels: --impls has {impl} but liger_kernel is not importable; "
+                             "pip install liger-kernel, or leave liger out of --impls")
+        fns.setdefault("sublayer", _sublayer(fns))
         for T in tokens:
             for C in hidden:
                 base = _inputs(T, n, C, dtype, dev)

@@ -18,7 +18,7 @@ def add_parser(sub) -> None:
         description=(
             "Time coefficients, pre-mix, post+residual and the whole mHC sublayer, forward and "
             "backward, for our Triton kernels, the PyTorch reference, torch.compile of the reference "
-            "and Liger-Kernel (when importable); print time, GB/s against the memory-traffic floor, "
+            "and Liger-Kernel (liger in --impls needs liger_kernel installed); print time, GB/s against the memory-traffic floor, "
             "the fraction of the measured copy bandwidth, and the speed-up over the reference. "
             "--device cpu runs a tiny smoke version in Triton's interpreter (timings meaningless)."
         ),
@@ -48,6 +48,40 @@ def add_parser(sub) -> None:
     a.add_argument("--backend", choices=("reference", "triton"), default="triton", help="mHC ops backend (default %(default)s)")
     a.add_argument("--device", choices=("cpu", "cuda"), default="cpu", help="device (default %(default)s)")
     a.set_defaults(run=run_activations)
+    _add_traffic_parser(bench)
+
+
+def _add_traffic_parser(bench) -> None:
+    from ..bench.traffic import TrafficConfig
+
+    d = TrafficConfig()
+    t = bench.add_parser(
+        "traffic",
+        help="count the bytes and launches of one mHC sublayer, forward + backward (CPU, Triton interpreter)",
+        description=(
+            "Run one mHC sublayer (the product's modules, Triton kernels, an opaque F) forward and backward in "
+            "Triton's CPU interpreter and count, per launch, the bytes its loads and stores touch (masked lanes "
+            "excluded; unique = compulsory bytes, requested = every lane of every program) and every other "
+            "torch launch on the path; print per-kernel and per-sublayer tables against the floors and an "
+            "H200 time estimate (counted bytes / --bandwidth-gbps, labelled an estimate). Runs at --tokens and "
+            "twice that: the difference is the per-token traffic, the rest the per-call traffic (parameters)."
+        ),
+    )
+    t.add_argument("--tokens", type=int, default=d.tokens, help="tokens, a multiple of 32 (default %(default)s)")
+    t.add_argument("--hidden", type=int, default=d.hidden, help="width C (default %(default)s)")
+    t.add_argument("--expansion-rate", type=int, default=d.n, help="streams n (default %(default)s)")
+    t.add_argument("--dtype", choices=("bf16", "fp16", "fp32"), default=d.dtype, help="stream dtype (default %(default)s)")
+    t.add_argument("--sinkhorn-iters", type=int, default=d.sinkhorn_iters, help="t_max (default %(default)s)")
+    t.add_argument("--recompute", action="store_true", help="also run a recompute block and report the extra bytes")
+    t.add_argument("--block-size", type=int, default=d.block_size, help="recompute block size L_r (default %(default)s)")
+    t.add_argument("--bias", action="store_true", help="the sublayer output has a bias (Megatron's add_bias_linear)")
+    t.add_argument("--dropout", type=float, default=d.dropout, help="hidden dropout (Megatron's GPT default 0.1; default %(default)s)")
+    t.add_argument("--no-bda-fusion", action="store_true", help="as Megatron's --no-bias-dropout-fusion")
+    t.add_argument("--bandwidth-gbps", type=float, default=d.bandwidth_gbps, help="for the time estimate (default %(default)s, H200 peak)")
+    t.add_argument("--estimate-tokens", type=int, default=d.estimate_tokens, help="tokens of the estimate (default %(default)s)")
+    t.add_argument("--sms", type=int, default=d.sms, help="SMs the launch heuristics assume (default %(default)s, H200)")
+    t.add_argument("--json", action="store_true", help="print one JSON object")
+    t.set_defaults(run=run_traffic)
 
 
 def run(args) -> int:
@@ -94,4 +128,27 @@ def run_activations(args) -> int:
             raise ValueError(f"unknown shape {shape!r}; choose from {', '.join(ab.SHAPES)}")
         records += ab.measure(shape, args.backend, args.device)
     print(ab.format_table(records))
+    return 0
+
+
+def run_traffic(args) -> int:
+    import logging
+    import warnings
+
+    from ..bench import kernels as kb
+
+    kb.enable_cpu_interpreter()
+    warnings.filterwarnings("ignore")
+    logging.getLogger("megatron").setLevel(logging.ERROR)
+    from ..bench.traffic import TrafficConfig, format_report, measure
+
+    cfg = TrafficConfig(
+        tokens=args.tokens, hidden=args.hidden, n=args.expansion_rate, dtype=args.dtype, recompute=args.recompute,
+        block_size=args.block_size, bias=args.bias, dropout=args.dropout, fused_bda=not args.no_bda_fusion,
+        sinkhorn_iters=args.sinkhorn_iters, bandwidth_gbps=args.bandwidth_gbps, estimate_tokens=args.estimate_tokens,
+        sms=args.sms,
+    )
+    cfg.validate()
+    report = measure(cfg)
+    print(json.dumps(report) if args.json else format_report(report))
     return 0

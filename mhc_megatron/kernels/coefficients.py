@@ -7,22 +7,25 @@ n^2 + 2n`` outputs).
 Forward, two kernels:
 
 * ``_proj_fwd``: the only pass over ``v = vec(x)`` (nC elements per token, read once): for a
-  block of tokens, ``proj += v_chunk @ phi_chunk`` on the matrix units (fp32/tf32 ``phi``,
-  fp32 accumulation; ``v`` is converted from bf16/fp16) and ``sumsq += sum(v_chunk^2)``.
-  Writes ``m + 1`` floats per token.
+  block of tokens, ``proj += v_chunk @ phi_chunk`` on the matrix units (fp32 ``phi`` as tf32 on
+  a GPU, exact fp32 in the interpreter; fp32 accumulation; ``v`` converted from bf16/fp16) and
+  ``sumsq += sum(v_chunk^2)``. Writes ``m + 1`` floats per token.
 * ``_finish_fwd``: per token from those ``m + 1`` floats: gates, biases, sigmoid, 2 sigmoid and
-  Sinkhorn with all iterations in registers. Keeping the two apart costs ``2(m + 1)`` floats of
-  traffic per token (0.6% of the pass over ``v`` at n = 4, C = 4096) and keeps the matmul
-  kernel's tile shape free of the Sinkhorn's ``[tokens, n, n]`` layout.
+  Sinkhorn with all iterations in registers.
 
-Backward, two kernels:
+Backward, two kernels and at most one reduction:
 
-* ``_finish_bwd``: the gradient of the logits (sigmoid derivatives, Sinkhorn backward with the
-  iterations recomputed on chip). The chain to ``proj``, ``1/r``, the gates and biases is a
-  handful of ``[T, m]`` PyTorch ops in :class:`MHCCoefficientsFunction`.
-* ``_proj_bwd``: both matmuls in one pass over ``v``: ``g_v = g_proj @ phi^T + c * v`` (the
-  second term is the RMS norm's) written once, and ``g_phi = v^T @ g_proj`` accumulated per
-  ``(K-chunk, token split)`` program and summed over the splits.
+* ``_finish_bwd``: the whole small chain rule per token, in registers: sigmoid derivatives, the
+  Sinkhorn backward (O(t_max), :mod:`.sinkhorn`), then through ``logits = proj * inv_r * gate +
+  bias`` to ``g_proj`` (what the projection backward needs) and ``c``, the RMS norm's
+  coefficient of ``v`` in ``g_v``; the gradients of ``bias`` and the three gates are summed over
+  the program's tokens into one row of partial sums.
+* ``_proj_bwd``: both matmuls in one pass over ``v``: ``g_v = g_proj @ phi^T + c * v`` (added to
+  the ``g_x`` buffer when accumulating, see :mod:`.sublayer`) and ``g_phi = v^T @ g_proj`` per
+  ``(K-chunk, token split)`` program; the programs of the first K-chunk also sum the finishing
+  kernel's partial rows of their split. All parameter gradients then sit in one
+  ``[splits, nC*m + m + 3]`` buffer: with one split it *is* the result, with more one sum over
+  the splits finishes every parameter gradient at once.
 """
 
 from __future__ import annotations
@@ -31,14 +34,50 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import interpreting, next_pow2
-from .sinkhorn import sinkhorn_grad, sinkhorn_state
+from ._common import autotune, interpreting, next_pow2, sm_count
+from .sinkhorn import sinkhorn_backward, sinkhorn_forward
+
+BLOCK_T_PROJ = 32  # tokens per step of the projection backward (a token split is a multiple of it)
 
 
+def _proj_configs():
+    shapes = ((32, 64, 4, 3), (32, 32, 8, 3), (32, 128, 8, 3), (64, 64, 8, 3))
+    return [triton.Config({"BLOCK_T": bt, "BLOCK_K": bk}, num_warps=w, num_stages=s) for bt, bk, w, s in shapes]
+
+
+def _proj_bwd_configs():
+    shapes = ((64, 4, 3), (32, 8, 3), (128, 8, 3), (64, 8, 4))
+    return [triton.Config({"BLOCK_K": bk}, num_warps=w, num_stages=s) for bk, w, s in shapes]
+
+
+# registers per thread a config may spend on its tiles (the phi tile, the accumulator, the v and
+# g_proj tiles); larger ones spill (compile_check compiles every config that survives)
+_TILE_REGISTERS = 112
+
+
+def _prune_proj(configs, args):
+    """Drop tiles wider than the problem and tiles too large for the registers."""
+    mp, K = args["MP"], args["K"]
+    keep = []
+    for c in configs:
+        bt, bk, w = c.kwargs.get("BLOCK_T", BLOCK_T_PROJ), c.kwargs["BLOCK_K"], c.num_warps
+        if bk > max(16, next_pow2(K)):
+            continue
+        if bt * mp + 2 * bk * mp + bt * bk > _TILE_REGISTERS * 32 * w:
+            continue
+        keep.append(c)
+    return keep or configs[:1]
+
+
+def _prune_none(configs, args):
+    return configs
+
+
+@autotune(_proj_configs(), key=["K", "M", "MP"], prune=_prune_proj)
 @triton.jit
 def _proj_fwd_kernel(
     v_ptr, phi_ptr, proj_ptr, sumsq_ptr, T, K, M,
-    BLOCK_T: tl.constexpr, BLOCK_K: tl.constexpr, MP: tl.constexpr, PRECISION: tl.constexpr,
+    MP: tl.constexpr, PRECISION: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     tok = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
     tmask = tok < T
@@ -58,69 +97,100 @@ def _proj_fwd_kernel(
 
 
 @triton.jit
-def _load_logits(proj_ptr, sumsq_ptr, bias_ptr, alpha_ptr, tok, tmask, M, inv_K, eps, N: tl.constexpr):
-    """Gate and bias the projections of a block of tokens: pre [T, N], post [T, N], res [T, N, N]."""
+def _load_projections(proj_ptr, sumsq_ptr, tok, tmask, M, inv_K, eps, N: tl.constexpr):
+    """The raw projections of a block of tokens, pre [T, N], post [T, N], res [T, N, N], and 1/r."""
     s = tl.arange(0, N)
     base = tok.to(tl.int64) * M
     inv_r = tl.rsqrt(tl.load(sumsq_ptr + tok, mask=tmask, other=0.0) * inv_K + eps)
-    a_pre = tl.load(alpha_ptr)
-    a_post = tl.load(alpha_ptr + 1)
-    a_res = tl.load(alpha_ptr + 2)
     m2 = tmask[:, None]
     pre = tl.load(proj_ptr + base[:, None] + s[None, :], mask=m2, other=0.0)
     post = tl.load(proj_ptr + base[:, None] + N + s[None, :], mask=m2, other=0.0)
     res_offs = 2 * N + s[:, None] * N + s[None, :]
     res = tl.load(proj_ptr + base[:, None, None] + res_offs[None, :, :], mask=tmask[:, None, None], other=0.0)
-    pre = pre * (inv_r * a_pre)[:, None] + tl.load(bias_ptr + s)[None, :]
-    post = post * (inv_r * a_post)[:, None] + tl.load(bias_ptr + N + s)[None, :]
-    res = res * (inv_r * a_res)[:, None, None] + tl.load(bias_ptr + res_offs)[None, :, :]
-    return pre, post, res
+    return pre, post, res, inv_r
 
 
 @triton.jit
+def _logits(pre, post, res, inv_r, bias_ptr, alpha_ptr, N: tl.constexpr):
+    s = tl.arange(0, N)
+    res_offs = 2 * N + s[:, None] * N + s[None, :]
+    pre = pre * (inv_r * tl.load(alpha_ptr))[:, None] + tl.load(bias_ptr + s)[None, :]
+    post = post * (inv_r * tl.load(alpha_ptr + 1))[:, None] + tl.load(bias_ptr + N + s)[None, :]
+    res = res * (inv_r * tl.load(alpha_ptr + 2))[:, None, None] + tl.load(bias_ptr + res_offs)[None, :, :]
+    return pre, post, res
+
+
+@autotune([triton.Config({}, num_warps=w) for w in (4, 8)], key=["M", "N", "ITERS"], prune=_prune_none)
+@triton.jit
 def _finish_fwd_kernel(
     proj_ptr, sumsq_ptr, bias_ptr, alpha_ptr, h_pre_ptr, h_post_ptr, h_res_ptr,
-    T, M, inv_K, eps, iters, N: tl.constexpr, BLOCK_T: tl.constexpr,
+    T, M, inv_K, eps, ITERS: tl.constexpr, N: tl.constexpr, BLOCK_T: tl.constexpr,
 ):
     tok = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
     tmask = tok < T
-    pre, post, res = _load_logits(proj_ptr, sumsq_ptr, bias_ptr, alpha_ptr, tok, tmask, M, inv_K, eps, N)
+    pre, post, res, inv_r = _load_projections(proj_ptr, sumsq_ptr, tok, tmask, M, inv_K, eps, N)
+    pre, post, res = _logits(pre, post, res, inv_r, bias_ptr, alpha_ptr, N)
     s = tl.arange(0, N)
     t64 = tok.to(tl.int64)
     tl.store(h_pre_ptr + t64[:, None] * N + s[None, :], tl.sigmoid(pre), mask=tmask[:, None])
     tl.store(h_post_ptr + t64[:, None] * N + s[None, :], 2.0 * tl.sigmoid(post), mask=tmask[:, None])
     res_offs = t64[:, None, None] * N * N + s[None, :, None] * N + s[None, None, :]
-    tl.store(h_res_ptr + res_offs, sinkhorn_state(res, 2 * iters - 1), mask=tmask[:, None, None])
+    tl.store(h_res_ptr + res_offs, sinkhorn_forward(res, ITERS), mask=tmask[:, None, None])
 
 
+@autotune([triton.Config({}, num_warps=w) for w in (4, 8)], key=["M", "N", "ITERS"], prune=_prune_none)
 @triton.jit
 def _finish_bwd_kernel(
-    proj_ptr, sumsq_ptr, bias_ptr, alpha_ptr, g_pre_ptr, g_post_ptr, g_res_ptr, g_logits_ptr,
-    T, M, inv_K, eps, iters, N: tl.constexpr, BLOCK_T: tl.constexpr,
+    proj_ptr, sumsq_ptr, bias_ptr, alpha_ptr, g_pre_ptr, g_post_ptr, g_res_ptr, g_proj_ptr, c_ptr, partial_ptr,
+    T, M, inv_K, eps, ITERS: tl.constexpr, N: tl.constexpr, BLOCK_T: tl.constexpr,
 ):
-    tok = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
+    pid = tl.program_id(0)
+    tok = pid * BLOCK_T + tl.arange(0, BLOCK_T)
     tmask = tok < T
-    pre, post, res = _load_logits(proj_ptr, sumsq_ptr, bias_ptr, alpha_ptr, tok, tmask, M, inv_K, eps, N)
+    raw_pre, raw_post, raw_res, inv_r = _load_projections(proj_ptr, sumsq_ptr, tok, tmask, M, inv_K, eps, N)
+    pre, post, res = _logits(raw_pre, raw_post, raw_res, inv_r, bias_ptr, alpha_ptr, N)
     s = tl.arange(0, N)
     t64 = tok.to(tl.int64)
     vec = t64[:, None] * N + s[None, :]
     mat = t64[:, None, None] * N * N + s[None, :, None] * N + s[None, None, :]
     sig_pre = tl.sigmoid(pre)
     sig_post = tl.sigmoid(post)
-    g_pre = tl.load(g_pre_ptr + vec, mask=tmask[:, None], other=0.0) * sig_pre * (1.0 - sig_pre)
-    g_post = tl.load(g_post_ptr + vec, mask=tmask[:, None], other=0.0) * 2.0 * sig_post * (1.0 - sig_post)
-    g_res = sinkhorn_grad(res, tl.load(g_res_ptr + mat, mask=tmask[:, None, None], other=0.0), iters)
+    # gradients of the logits (zero for masked tokens: their incoming gradients load as 0)
+    gl_pre = tl.load(g_pre_ptr + vec, mask=tmask[:, None], other=0.0) * sig_pre * (1.0 - sig_pre)
+    gl_post = tl.load(g_post_ptr + vec, mask=tmask[:, None], other=0.0) * 2.0 * sig_post * (1.0 - sig_post)
+    gl_res = sinkhorn_backward(res, tl.load(g_res_ptr + mat, mask=tmask[:, None, None], other=0.0), ITERS)
+    # logits = proj * inv_r * gate + bias
+    a_pre = tl.load(alpha_ptr)
+    a_post = tl.load(alpha_ptr + 1)
+    a_res = tl.load(alpha_ptr + 2)
     out = t64[:, None] * M
-    tl.store(g_logits_ptr + out + s[None, :], g_pre, mask=tmask[:, None])
-    tl.store(g_logits_ptr + out + N + s[None, :], g_post, mask=tmask[:, None])
+    tl.store(g_proj_ptr + out + s[None, :], gl_pre * (inv_r * a_pre)[:, None], mask=tmask[:, None])
+    tl.store(g_proj_ptr + out + N + s[None, :], gl_post * (inv_r * a_post)[:, None], mask=tmask[:, None])
     res_cols = 2 * N + s[:, None] * N + s[None, :]
-    tl.store(g_logits_ptr + t64[:, None, None] * M + res_cols[None, :, :], g_res, mask=tmask[:, None, None])
+    tl.store(g_proj_ptr + t64[:, None, None] * M + res_cols[None, :, :], gl_res * (inv_r * a_res)[:, None, None],
+             mask=tmask[:, None, None])
+    # per gate: sum of g_logit * proj (the derivative of the logits w.r.t. gate * inv_r)
+    d_pre = tl.sum(gl_pre * raw_pre, axis=1)
+    d_post = tl.sum(gl_post * raw_post, axis=1)
+    d_res = tl.sum(tl.sum(gl_res * raw_res, axis=2), axis=1)
+    g_inv_r = a_pre * d_pre + a_post * d_post + a_res * d_res
+    tl.store(c_ptr + tok, -g_inv_r * inv_r * inv_r * inv_r * inv_K, mask=tmask)  # d inv_r / d v = -inv_r^3 v / K
+    # this program's partial sums: g_bias (m values) then the three gate gradients
+    row = partial_ptr + pid.to(tl.int64) * (M + 3)
+    tl.store(row + s, tl.sum(gl_pre, axis=0))
+    tl.store(row + N + s, tl.sum(gl_post, axis=0))
+    tl.store(row + res_cols, tl.sum(gl_res, axis=0))
+    tl.store(row + M, tl.sum(d_pre * inv_r, axis=0))
+    tl.store(row + M + 1, tl.sum(d_post * inv_r, axis=0))
+    tl.store(row + M + 2, tl.sum(d_res * inv_r, axis=0))
 
 
+@autotune(_proj_bwd_configs(), key=["K", "M", "MP", "ACCUMULATE"], prune=_prune_proj, restore_value=["g_v_ptr"])
 @triton.jit
 def _proj_bwd_kernel(
-    v_ptr, phi_ptr, g_proj_ptr, c_ptr, g_v_ptr, g_phi_ptr, T, K, M, tokens_per_split,
-    BLOCK_T: tl.constexpr, BLOCK_K: tl.constexpr, MP: tl.constexpr, PRECISION: tl.constexpr,
+    v_ptr, phi_ptr, g_proj_ptr, c_ptr, g_v_ptr, fin_ptr, parts_ptr, T, K, M, tokens_per_split, part_stride, fin_rows,
+    MP: tl.constexpr, PRECISION: tl.constexpr, ACCUMULATE: tl.constexpr, FIN_BLOCK_T: tl.constexpr,
+    BLOCK_T: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     kc = tl.program_id(0)
     split = tl.program_id(1)
@@ -140,33 +210,35 @@ def _proj_bwd_kernel(
         gp = tl.load(g_proj_ptr + tok.to(tl.int64)[:, None] * M + cols[None, :], mask=tmask[:, None] & cmask[None, :], other=0.0)
         c = tl.load(c_ptr + tok, mask=tmask, other=0.0)
         g_v = tl.dot(gp, tl.trans(phi), input_precision=PRECISION) + c[:, None] * v
+        if ACCUMULATE:
+            g_v += tl.load(g_v_ptr + row[:, None] + ks[None, :], mask=vmask, other=0.0).to(tl.float32)
         tl.store(g_v_ptr + row[:, None] + ks[None, :], g_v.to(g_v_ptr.dtype.element_ty), mask=vmask)
         acc = tl.dot(tl.trans(v), gp, acc, input_precision=PRECISION)
-    tl.store(g_phi_ptr + split.to(tl.int64) * K * M + ks[:, None] * M + cols[None, :], acc, mask=kmask[:, None] & cmask[None, :])
-
-
-BLOCK_T_PROJ = 32
-
-
-def proj_config(mp: int) -> tuple[int, int]:
-    """(BLOCK_K, num_warps) of the projection kernels: the [BLOCK_K, MP] phi tile and, in
-    backward, the [BLOCK_K, MP] g_phi accumulator live in registers (checked for spills by
-    ``compile_check``)."""
-    return (64, 4) if mp <= 32 else (64, 8) if mp <= 64 else (32, 8)
+    base = parts_ptr + split.to(tl.int64) * part_stride
+    tl.store(base + ks[:, None] * M + cols[None, :], acc, mask=kmask[:, None] & cmask[None, :])
+    if kc == 0:  # the finishing kernel's partial rows of this split's tokens
+        w = tl.arange(0, MP)
+        wmask = w < M + 3
+        small = tl.zeros([MP], dtype=tl.float32)
+        r_end = tl.minimum((t_start + tokens_per_split + FIN_BLOCK_T - 1) // FIN_BLOCK_T, fin_rows)
+        for r in range(t_start // FIN_BLOCK_T, r_end):
+            small += tl.load(fin_ptr + r * (M + 3) + w, mask=wmask, other=0.0)
+        tl.store(base + K * M + w, small, mask=wmask)
 
 
 def finish_block_t(n: int) -> int:
-    """Tokens per program of the finishing kernels ([BLOCK_T, n, n] Sinkhorn state)."""
-    return 32 if n <= 4 else 16
+    """Tokens per program of the finishing kernels ([BLOCK_T, n, n] Sinkhorn state and, in
+    backward, 2 (t_max - 1) sums of n per token in registers); divides ``BLOCK_T_PROJ``."""
+    return 32 if n <= 4 else 8
 
 
-def _precision() -> str:
+def precision() -> str:
     # tf32 on the matrix units (the spec's "phi in fp32/tf32"); the interpreter computes exactly
     return "ieee" if interpreting() else "tf32"
 
 
-def _mp(m: int) -> int:
-    return max(16, next_pow2(m))  # tl.dot needs every dimension >= 16
+def padded_m(m: int) -> int:
+    return max(16, next_pow2(m + 3))  # tl.dot needs every dimension >= 16; + 3 gate sums in the fold
 
 
 def coefficients_forward(v, phi, bias, alpha, n: int, iters: int, eps: float):
@@ -180,61 +252,55 @@ def coefficients_forward(v, phi, bias, alpha, n: int, iters: int, eps: float):
     h_post = torch.empty(T, n, dtype=torch.float32, device=dev)
     h_res = torch.empty(T, n, n, dtype=torch.float32, device=dev)
     if T:
-        mp = _mp(M)
-        block_k, warps = proj_config(mp)
-        _proj_fwd_kernel[(triton.cdiv(T, BLOCK_T_PROJ),)](
-            v, phi, proj, sumsq, T, K, M,
-            BLOCK_T=BLOCK_T_PROJ, BLOCK_K=block_k, MP=mp, PRECISION=_precision(), num_warps=warps,
+        _proj_fwd_kernel[lambda meta: (triton.cdiv(T, meta["BLOCK_T"]),)](
+            v, phi, proj, sumsq, T, K, M, MP=padded_m(M), PRECISION=precision(),
         )
         bt = finish_block_t(n)
         _finish_fwd_kernel[(triton.cdiv(T, bt),)](
-            proj, sumsq, bias, alpha, h_pre, h_post, h_res, T, M, 1.0 / K, eps, iters,
-            N=n, BLOCK_T=bt, num_warps=4,
+            proj, sumsq, bias, alpha, h_pre, h_post, h_res, T, M, 1.0 / K, eps, ITERS=iters, N=n, BLOCK_T=bt,
         )
     return h_pre, h_post, h_res, proj, sumsq
 
 
-def _token_splits(T: int, K: int, block_k: int, device) -> int:
-    """Split the tokens so that (K-chunks x splits) programs fill the device about twice."""
-    chunks = triton.cdiv(K, block_k)
-    sms = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 4
-    return max(1, min(triton.cdiv(2 * sms, chunks), triton.cdiv(T, BLOCK_T_PROJ)))
+def token_splits(T: int, K: int, device) -> tuple[int, int]:
+    """``(splits, tokens per split)`` of the projection backward: (K-chunks of 64) x splits
+    programs fill the device about twice; a split is a multiple of ``BLOCK_T_PROJ`` tokens."""
+    chunks = triton.cdiv(K, 64)
+    splits = max(1, min(triton.cdiv(2 * sm_count(device), chunks), triton.cdiv(T, BLOCK_T_PROJ)))
+    per_split = triton.cdiv(triton.cdiv(T, splits), BLOCK_T_PROJ) * BLOCK_T_PROJ
+    return triton.cdiv(T, per_split), per_split
 
 
-def coefficients_backward(v, phi, bias, alpha, proj, sumsq, g_pre, g_post, g_res, n: int, iters: int, eps: float):
+def coefficients_backward(v, phi, bias, alpha, proj, sumsq, g_pre, g_post, g_res, n: int, iters: int, eps: float,
+                          g_v=None):
+    """``(g_v, g_phi, g_bias, g_alpha)``; given ``g_v`` (the buffer of :mod:`.sublayer`), the
+    gradient of ``v`` is added to it in place."""
     T, K = v.shape
     M = phi.shape[1]
     dev = v.device
-    g_logits = torch.empty(T, M, dtype=torch.float32, device=dev)
-    if T:
-        bt = finish_block_t(n)
-        _finish_bwd_kernel[(triton.cdiv(T, bt),)](
-            proj, sumsq, bias, alpha, g_pre, g_post, g_res, g_logits, T, M, 1.0 / K, eps, iters,
-            N=n, BLOCK_T=bt, num_warps=4,
-        )
-    # logits = proj * inv_r * gate + bias: the small [T, m] part of the chain rule
-    inv_r = torch.rsqrt(sumsq / K + eps)
-    gate = torch.cat([alpha[0:1].expand(n), alpha[1:2].expand(n), alpha[2:3].expand(n * n)])
-    g_proj = g_logits * inv_r[:, None] * gate
-    g_inv_r = (g_logits * proj * gate).sum(-1)
-    c = (-g_inv_r * inv_r.pow(3) / K).contiguous()  # d inv_r / d v = -inv_r^3 v / K
-    per_gate = (g_logits * proj * inv_r[:, None]).sum(0)
-    g_alpha = torch.stack([per_gate[:n].sum(), per_gate[n : 2 * n].sum(), per_gate[2 * n :].sum()])
-    g_bias = g_logits.sum(0)
-
-    g_v = torch.empty_like(v)
-    mp = _mp(M)
-    block_k, warps = proj_config(mp)
-    splits = _token_splits(T, K, block_k, dev) if T else 1
-    per_split = triton.cdiv(triton.cdiv(max(T, 1), splits), BLOCK_T_PROJ) * BLOCK_T_PROJ
-    splits = triton.cdiv(max(T, 1), per_split)
-    g_phi_parts = torch.zeros(splits, K, M, dtype=torch.float32, device=dev)
-    if T:
-        _proj_bwd_kernel[(triton.cdiv(K, block_k), splits)](
-            v, phi, g_proj.contiguous(), c, g_v, g_phi_parts, T, K, M, per_split,
-            BLOCK_T=BLOCK_T_PROJ, BLOCK_K=block_k, MP=mp, PRECISION=_precision(), num_warps=warps,
-        )
-    return g_v, g_phi_parts.sum(0), g_bias, g_alpha
+    accumulate = g_v is not None
+    g_v = torch.empty_like(v) if g_v is None else g_v
+    if T == 0:
+        z = torch.zeros
+        return g_v, z(K, M, device=dev), z(M, device=dev), z(3, device=dev)
+    bt = finish_block_t(n)
+    fin_rows = triton.cdiv(T, bt)
+    g_proj = torch.empty(T, M, dtype=torch.float32, device=dev)
+    c = torch.empty(T, dtype=torch.float32, device=dev)
+    fin = torch.empty(fin_rows, M + 3, dtype=torch.float32, device=dev)
+    _finish_bwd_kernel[(fin_rows,)](
+        proj, sumsq, bias, alpha, g_pre, g_post, g_res, g_proj, c, fin, T, M, 1.0 / K, eps,
+        ITERS=iters, N=n, BLOCK_T=bt,
+    )
+    splits, per_split = token_splits(T, K, dev)
+    width = K * M + M + 3
+    parts = torch.empty(splits, width, dtype=torch.float32, device=dev)
+    _proj_bwd_kernel[lambda meta: (triton.cdiv(K, meta["BLOCK_K"]), splits)](
+        v, phi, g_proj, c, g_v, fin, parts, T, K, M, per_split, width, fin_rows,
+        MP=padded_m(M), PRECISION=precision(), ACCUMULATE=accumulate, FIN_BLOCK_T=bt, BLOCK_T=BLOCK_T_PROJ,
+    )
+    total = parts[0] if splits == 1 else parts.sum(0)
+    return g_v, total[: K * M].view(K, M), total[K * M : K * M + M], total[K * M + M :]
 
 
 class MHCCoefficientsFunction(torch.autograd.Function):
@@ -249,18 +315,21 @@ class MHCCoefficientsFunction(torch.autograd.Function):
     @torch.autograd.function.once_differentiable
     def backward(ctx, g_pre, g_post, g_res):
         v, phi, bias, alpha, proj, sumsq = ctx.saved_tensors
-        T = v.shape[0]
         n = ctx.n
-
-        def grad_or_zeros(g, shape):
-            return torch.zeros(shape, dtype=torch.float32, device=v.device) if g is None else g.float().contiguous()
-
         g_v, g_phi, g_bias, g_alpha = coefficients_backward(
-            v, phi, bias, alpha, proj, sumsq,
-            grad_or_zeros(g_pre, (T, n)), grad_or_zeros(g_post, (T, n)), grad_or_zeros(g_res, (T, n, n)),
+            v, phi, bias, alpha, proj, sumsq, *coefficient_grads(g_pre, g_post, g_res, v.shape[0], n, v.device),
             n, ctx.iters, ctx.eps,
         )
         return g_v, g_phi, g_bias, g_alpha, None, None, None
+
+
+def coefficient_grads(g_pre, g_post, g_res, T: int, n: int, device):
+    """The incoming gradients as contiguous fp32, zeros for outputs that got none."""
+
+    def fix(g, shape):
+        return torch.zeros(shape, dtype=torch.float32, device=device) if g is None else g.float().contiguous()
+
+    return fix(g_pre, (T, n)), fix(g_post, (T, n)), fix(g_res, (T, n, n))
 
 
 def mhc_coefficients_triton(x, phi, bias, alpha, iters: int, eps: float):

@@ -1,13 +1,23 @@
-"""Compile every kernel for a GPU architecture without a GPU, and report registers and spills.
+"""Compile every kernel for a GPU architecture without a GPU, as it is launched, and report
+registers and spills.
 
 Triton can lower a kernel all the way to a cubin for a given target on any machine (the wheel
 ships ``ptxas``). This catches what the CPU interpreter cannot: code that does not lower, and
-configurations that spill registers. Run as ``python -m mhc_megatron.kernels.compile_check``
+configurations that spill registers. To compile what a GPU would run, the launchers themselves
+run at a representative shape (``C = 4096``, 16384 tokens, bf16 streams, each n) on meta tensors
+with every kernel launch intercepted; each captured launch is then compiled the way the JIT
+specialises it on a GPU (Triton's own binder: argument types, constexprs, and the 16-byte
+alignment and divisibility-by-16 assumptions it makes for pointers and integers such as
+``C = 4096``), once for every autotune config that survives pruning for those arguments.
+
+Run as ``python -m mhc_megatron.kernels.compile_check [ARCH] [--markdown] [--n N ...]``
 (``TRITON_INTERPRET`` must be unset: the interpreter replaces the kernels with Python).
 """
 
 from __future__ import annotations
 
+import argparse
+import contextlib
 import os
 import re
 import subprocess
@@ -16,6 +26,7 @@ import tempfile
 from dataclasses import dataclass
 
 KERNELS_PER_N = (1, 2, 4, 8)
+SHAPE = {"tokens": 16384, "hidden": 4096, "iters": 20}
 
 
 @dataclass
@@ -25,53 +36,85 @@ class CompileResult:
     arch: int
     registers: int
     spill_bytes: int
+    aligned: str  # the arguments specialised as 16-byte aligned / divisible by 16
 
 
-def _cases(n: int):
+@dataclass
+class _Launch:
+    fn: object  # the JITFunction
+    args: tuple
+    kwargs: dict
+    configs: list  # [dict of extra kwargs] (one per surviving autotune config)
+
+
+def _signature(launch: _Launch):
+    def describe(v):
+        return (str(v.dtype), tuple(v.shape)) if hasattr(v, "dtype") else v
+
+    return launch.fn.__name__, tuple(map(describe, launch.args)), tuple(sorted(launch.kwargs.items()))
+
+
+def _add(found: list, launch: _Launch) -> None:
+    """Record a launch unless the same kernel already ran with the same kind of arguments."""
+    if all(_signature(other) != _signature(launch) for other in found):
+        found.append(launch)
+
+
+@contextlib.contextmanager
+def _captured_launches(found: list):
+    """Kernel launches are recorded instead of run."""
+    from triton.runtime.autotuner import Autotuner
+    from triton.runtime.jit import JITFunction
+
+    def jit_run(self, *args, grid, warmup, **kwargs):
+        _add(found, _Launch(self, args, kwargs, [{}]))
+
+    def tuner_run(self, *args, **kwargs):
+        self.nargs = dict(zip(self.arg_names, args))
+        configs = [c.all_kwargs() for c in self.prune_configs(kwargs)]
+        self.nargs = None
+        _add(found, _Launch(self.fn, args, {k: v for k, v in kwargs.items() if k not in ("grid", "warmup")}, configs))
+
+    saved = JITFunction.run, Autotuner.run
+    JITFunction.run, Autotuner.run = jit_run, tuner_run
+    try:
+        yield
+    finally:
+        JITFunction.run, Autotuner.run = saved
+
+
+def _launches(n: int) -> list[_Launch]:
+    """Every launch the kernels make for one sublayer at SHAPE, forward and backward, with and
+    without accumulation, bias and dropout, plus the stand-alone Sinkhorn kernels."""
+    import torch
+
     from ..ops.coefficients import num_coefficients
     from . import coefficients as co
     from . import post_res, pre, sinkhorn
-    from ._common import next_pow2
 
+    T, C, iters = SHAPE["tokens"], SHAPE["hidden"], SHAPE["iters"]
     m = num_coefficients(n)
-    mp = max(16, next_pow2(m))
-    block_k, warps = co.proj_config(mp)
-    act = "*bf16"
-    yield post_res._post_res_fwd_kernel, {
-        "x_ptr": act, "f_ptr": act, "h_post_ptr": "*fp32", "h_res_ptr": "*fp32", "out_ptr": act, "C": "i32",
-    }, {"N": n, "BLOCK_C": 1024}
-    yield post_res._post_res_bwd_kernel, {
-        "g_out_ptr": act, "x_ptr": act, "f_ptr": act, "h_post_ptr": "*fp32", "h_res_ptr": "*fp32",
-        "g_x_ptr": act, "g_f_ptr": act, "g_h_post_ptr": "*fp32", "g_h_res_ptr": "*fp32", "C": "i32",
-    }, {"N": n, "BLOCK_C": 512}
-    yield pre._pre_fwd_kernel, {"x_ptr": act, "h_ptr": "*fp32", "y_ptr": act, "C": "i32"}, {"N": n, "BLOCK_C": 1024}
-    yield pre._pre_bwd_kernel, {
-        "g_y_ptr": act, "x_ptr": act, "h_ptr": "*fp32", "g_x_ptr": act, "g_h_ptr": "*fp32", "C": "i32",
-    }, {"N": n, "BLOCK_C": 1024}
-    yield sinkhorn._sinkhorn_fwd_kernel, {
-        "logits_ptr": "*fp32", "out_ptr": "*fp32", "T": "i32", "iters": "i32",
-    }, {"N": n, "BLOCK_T": sinkhorn.block_t(n)}
-    yield sinkhorn._sinkhorn_bwd_kernel, {
-        "logits_ptr": "*fp32", "g_out_ptr": "*fp32", "g_in_ptr": "*fp32", "T": "i32", "iters": "i32",
-    }, {"N": n, "BLOCK_T": sinkhorn.block_t(n)}
-    yield co._proj_fwd_kernel, {
-        "v_ptr": act, "phi_ptr": "*fp32", "proj_ptr": "*fp32", "sumsq_ptr": "*fp32", "T": "i32", "K": "i32", "M": "i32",
-    }, {"BLOCK_T": co.BLOCK_T_PROJ, "BLOCK_K": block_k, "MP": mp, "PRECISION": "tf32"}, warps
-    finish = {
-        "proj_ptr": "*fp32", "sumsq_ptr": "*fp32", "bias_ptr": "*fp32", "alpha_ptr": "*fp32",
-    }
-    yield co._finish_fwd_kernel, {
-        **finish, "h_pre_ptr": "*fp32", "h_post_ptr": "*fp32", "h_res_ptr": "*fp32",
-        "T": "i32", "M": "i32", "inv_K": "fp32", "eps": "fp32", "iters": "i32",
-    }, {"N": n, "BLOCK_T": co.finish_block_t(n)}
-    yield co._finish_bwd_kernel, {
-        **finish, "g_pre_ptr": "*fp32", "g_post_ptr": "*fp32", "g_res_ptr": "*fp32", "g_logits_ptr": "*fp32",
-        "T": "i32", "M": "i32", "inv_K": "fp32", "eps": "fp32", "iters": "i32",
-    }, {"N": n, "BLOCK_T": co.finish_block_t(n)}
-    yield co._proj_bwd_kernel, {
-        "v_ptr": act, "phi_ptr": "*fp32", "g_proj_ptr": "*fp32", "c_ptr": "*fp32", "g_v_ptr": act,
-        "g_phi_ptr": "*fp32", "T": "i32", "K": "i32", "M": "i32", "tokens_per_split": "i32",
-    }, {"BLOCK_T": co.BLOCK_T_PROJ, "BLOCK_K": block_k, "MP": mp, "PRECISION": "tf32"}, warps
+    meta = dict(device="meta")
+    act, f32 = dict(dtype=torch.bfloat16, **meta), dict(dtype=torch.float32, **meta)
+    x = torch.empty(T, n, C, **act)
+    f, bias = torch.empty(T, C, **act), torch.empty(C, **act)
+    phi, cbias, alpha = torch.empty(n * C, m, **f32), torch.empty(m, **f32), torch.empty(3, **f32)
+    h_pre, h_post, h_res = torch.empty(T, n, **f32), torch.empty(T, n, **f32), torch.empty(T, n, n, **f32)
+    found: list[_Launch] = []
+    with _captured_launches(found):
+        v = x.view(T, n * C)
+        _, _, _, proj, sumsq = co.coefficients_forward(v, phi, cbias, alpha, n, iters, 1e-6)
+        for g_v in (None, torch.empty_like(v)):
+            co.coefficients_backward(v, phi, cbias, alpha, proj, sumsq, h_pre, h_post, h_res, n, iters, 1e-6, g_v=g_v)
+        pre.pre_forward(x, h_pre)
+        for g_x in (None, torch.empty_like(x)):
+            pre.pre_backward(f, x, h_pre, g_x)
+        for b, seed in ((None, None), (bias, post_res.draw_seed(x.device))):
+            post_res.post_res_forward(x, f, h_post, h_res, b, seed, 0.1)
+            post_res.post_res_backward(x, x, f, h_post, h_res, b, seed, 0.1)
+        sinkhorn.sinkhorn_fwd(h_res, iters)
+        sinkhorn.sinkhorn_bwd(h_res, h_res, iters)
+    return found
 
 
 def _ptxas_usage(ptx: str, arch: int) -> tuple[int, int]:
@@ -81,8 +124,8 @@ def _ptxas_usage(ptx: str, arch: int) -> tuple[int, int]:
     suffix = "a" if arch >= 90 else ""
     with tempfile.TemporaryDirectory() as d:
         path = os.path.join(d, "k.ptx")
-        with open(path, "w") as f:
-            f.write(ptx)
+        with open(path, "w") as fh:
+            fh.write(ptx)
         out = subprocess.run(
             [ptxas, "-v", f"--gpu-name=sm_{arch}{suffix}", path, "-o", os.path.join(d, "k.cubin")],
             capture_output=True, text=True, check=True,
@@ -92,33 +135,89 @@ def _ptxas_usage(ptx: str, arch: int) -> tuple[int, int]:
     return regs, spills
 
 
-def compile_all(arch: int = 90) -> list[CompileResult]:
+def _compile(launch: _Launch, extra: dict, arch: int):
+    """The cubin of one launch with one config, specialised as the JIT would on a GPU."""
     import triton
     from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
+    from triton.compiler import ASTSource, make_backend
+    from triton.runtime.jit import create_function_from_signature
 
+    fn = launch.fn
+    target = GPUTarget("cuda", arch, 32)
+    backend = make_backend(target)
+    kwargs = {**launch.kwargs, **extra}
+    binder = create_function_from_signature(fn.signature, fn.params, backend)
+    bound_args, specialization, options = binder(*launch.args, **kwargs)
+    options, signature, constexprs, attrs = fn._pack_args(backend, kwargs, bound_args, specialization, options)
+    compiled = triton.compile(ASTSource(fn, signature, constexprs, attrs), target=target, options=options.__dict__)
+    names = [p.name for p in fn.params]
+    aligned = [names[path[0]] for path, a in attrs.items() if a]
+    shown = {names[path[0]]: v for path, v in constexprs.items()
+             if names[path[0]] not in ("PRECISION",) and not isinstance(v, str)}
+    config = ", ".join(f"{k}={v}" for k, v in shown.items())
+    config += f", warps={options.num_warps}, stages={options.num_stages}"
+    return compiled, config, aligned
+
+
+def _compile_one(job: tuple[int, int, int, int]) -> CompileResult:
+    n, i, j, arch = job
+    launch = _launches(n)[i]
+    compiled, config, aligned = _compile(launch, launch.configs[j], arch)
+    regs, spills = _ptxas_usage(compiled.asm["ptx"], arch)
+    return CompileResult(launch.fn.__name__, config, arch, regs, spills, ", ".join(aligned))
+
+
+def compile_all(arch: int = 90, streams=KERNELS_PER_N, workers: int | None = None) -> list[CompileResult]:
+    """Every (launch, surviving config) at SHAPE for each n, compiled in ``workers`` processes."""
     if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
         raise RuntimeError("unset TRITON_INTERPRET: the interpreter replaces the kernels with Python")
-    results = []
-    for n in KERNELS_PER_N:
-        for case in _cases(n):
-            fn, signature, constexprs = case[:3]
-            warps = case[3] if len(case) > 3 else 4
-            signature = {**signature, **{k: "constexpr" for k in constexprs}}
-            compiled = triton.compile(ASTSource(fn=fn, signature=signature, constexprs=constexprs),
-                                      target=GPUTarget("cuda", arch, 32), options={"num_warps": warps})
-            regs, spills = _ptxas_usage(compiled.asm["ptx"], arch)
-            config = ", ".join(f"{k}={v}" for k, v in constexprs.items() if k != "PRECISION") + f", warps={warps}"
-            results.append(CompileResult(fn.__name__, f"n={n}, {config}", arch, regs, spills))
-    return results
+    jobs = [(n, i, j, arch) for n in streams for i, launch in enumerate(_launches(n))
+            for j in range(len(launch.configs))]
+    workers = workers or os.cpu_count() or 1
+    if workers == 1:
+        results = [_compile_one(job) for job in jobs]
+    else:
+        import concurrent.futures
+        import multiprocessing
+
+        with concurrent.futures.ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as pool:
+            results = list(pool.map(_compile_one, jobs))
+    unique, seen = [], set()
+    for r in results:  # launches that compile to the same specialisation are listed once
+        if (r.kernel, r.config) not in seen:
+            seen.add((r.kernel, r.config))
+            unique.append(r)
+    return unique
+
+
+def markdown(results: list[CompileResult]) -> str:
+    """The register table of docs/kernels.md."""
+    lines = ["| kernel | config | registers | spills |", "|---|---|---|---|"]
+    for r in results:
+        lines.append(f"| `{r.kernel}` | {r.config} | {r.registers} | {r.spill_bytes} |")
+    return "\n".join(lines)
 
 
 def main(argv=None) -> int:
-    arch = int((argv or sys.argv[1:] or ["90"])[0])
-    results = compile_all(arch)
-    print(f"{'kernel':<24}{'config':<52}{'regs':>6}{'spill B':>9}")
+    p = argparse.ArgumentParser(prog="python -m mhc_megatron.kernels.compile_check", description=__doc__.split("\n\n")[0])
+    p.add_argument("arch", nargs="?", type=int, default=90, help="compute capability x 10 (default 90)")
+    p.add_argument("--n", type=int, action="append", help="expansion rates (default 1, 2, 4, 8)")
+    p.add_argument("--markdown", action="store_true", help="print the docs table")
+    p.add_argument("--json", action="store_true", help="print the results as JSON")
+    args = p.parse_args(argv)
+    results = compile_all(args.arch, tuple(args.n or KERNELS_PER_N))
+    if args.markdown:
+        print(markdown(results))
+        return 0
+    if args.json:
+        import dataclasses
+        import json
+
+        print(json.dumps([dataclasses.asdict(r) for r in results]))
+        return 0
+    print(f"{'kernel':<24}{'config':<72}{'regs':>6}{'spill B':>9}  aligned / divisible by 16")
     for r in results:
-        print(f"{r.kernel:<24}{r.config:<52}{r.registers:>6}{r.spill_bytes:>9}")
+        print(f"{r.kernel:<24}{r.config:<72}{r.registers:>6}{r.spill_bytes:>9}  {r.aligned}")
     return 0
 
 

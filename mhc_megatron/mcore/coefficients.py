@@ -44,14 +44,18 @@ class _Coefficients(MegatronModule):
         for p in self.parameters(recurse=False):
             p.sequence_parallel = bool(config.sequence_parallel)
 
-    def forward(self, x: torch.Tensor, *params: torch.Tensor):
+    def forward(self, x: torch.Tensor, *params: torch.Tensor, with_pre: bool = False, link=None):
         """``(H_pre, H_post, H_res)`` of ``x``; ``params`` replace the module's own parameters
-        (the recompute path passes them explicitly so that their gradients flow through it)."""
-        # the maths is float32 (float64 for float64 inputs), whatever the parameters' dtype
+        (the recompute path passes them explicitly so that their gradients flow through it).
+        ``with_pre`` (mHC with the Triton kernels): ``(H_pre, H_post, H_res, H_pre · x)`` from one
+        autograd function sharing the gradient of ``x`` through ``link``
+        (:mod:`mhc_megatron.kernels.sublayer`). The maths is float32 (float64 for float64 inputs),
+        whatever the parameters' dtype."""
         dt = torch.float64 if x.dtype == torch.float64 else torch.float32
-        h = self.compute(x, *(p.to(dt) for p in (params or self.coefficient_parameters())))
+        params = tuple(p.to(dt) for p in (params or self.coefficient_parameters()))
+        h = self.compute_with_pre(x, *params, link=link) if with_pre else self.compute(x, *params)
         if self.settings.check_finite:
-            _check_finite(h, x, self.sublayer_index)
+            _check_finite(h[:3], x, self.sublayer_index)
         return h
 
 
@@ -94,6 +98,13 @@ class MHCCoefficients(_Coefficients):
             x, phi, bias, alpha, iters=s.sinkhorn_iters, eps=s.coeff_eps, backend=s.backend,
             sinkhorn_order=s.sinkhorn_order, eps_placement=s.norm_eps_placement,
         )
+
+    def compute_with_pre(self, x: torch.Tensor, phi, bias, alpha, link=None):
+        from ..kernels.sublayer import mhc_sublayer_input_triton
+
+        s = self.settings
+        y, h_pre, h_post, h_res = mhc_sublayer_input_triton(x, phi, bias, alpha, s.sinkhorn_iters, s.coeff_eps, link)
+        return h_pre, h_post, h_res, y
 
 
 class HCCoefficients(_Coefficients):

@@ -1,17 +1,23 @@
 """Recompute of the mHC intermediates in blocks of sublayers (spec section 4).
 
-A block of L_r consecutive sublayers keeps only its first n-stream input ``x_{l0}``. Every mHC
-step of the block (the coefficient + pre-mix step and the post + residual step of each sublayer)
-runs through :class:`_Recomputed`: its forward runs without building a graph, so none of the
-step's intermediates, and not its n-stream input, are kept; its backward asks the block's
-:class:`RecomputeChain` for that input and re-runs the step with autograd. The chain rebuilds
-``x_{l0+1}, x_{l0+2}, ...`` from ``x_{l0}`` and the kept post-mix inputs of each sublayer (the
-sublayer output ``f``, ``H_post``, ``H_res``) by re-running the post + residual step alone:
-attention and the MLP are never re-run.
+A block of L_r consecutive sublayers keeps only its first n-stream input ``x_{l0}``. Backward
+walks a block from its last sublayer; the first request rebuilds every input of the block,
+``x_{l0+1}, x_{l0+2}, ...``, from ``x_{l0}`` by replaying each sublayer's post + residual step
+from its kept inputs (the sublayer output ``f``, ``H_post``, ``H_res``, bias and dropout seed):
+attention and the MLP are never re-run, and each post + residual step at most once (the block's
+last one never: its output is not an input of the block). The rebuilt inputs are a transient of
+at most ``(L_r - 1) nC`` per token, each dropped as soon as the last step that needs it has
+taken it.
 
-Backward walks a block from its last sublayer, so the first request rebuilds every input of the
-block (a transient of at most ``(L_r - 1) nC`` per token); each rebuilt input is dropped as soon
-as the last step that needs it has taken it.
+Two ways a step uses the chain:
+
+* the Triton kernels (:mod:`mhc_megatron.kernels.sublayer`): the two autograd functions of a
+  sublayer keep everything they need but ``x`` (the per-token coefficient floats, ``m + 1 + n``
+  of them, are kept: recomputing them would re-read ``x``, nC elements, to save ``4 (m + 1 + n)``
+  bytes) and take ``x`` from the chain in backward: their backward kernels run directly,
+  nothing is re-run to rebuild a graph;
+* the PyTorch reference and HC (no kernels): every step runs through :class:`_Recomputed`, whose
+  forward builds no graph and whose backward re-runs the step with autograd.
 
 One :class:`BlockRecompute` per block is shared by the block's sublayer modules (the spec
 builder creates it); each forward pass of the block opens its own chain, so micro-batches whose
@@ -27,18 +33,19 @@ import torch
 class RecomputeChain:
     """One forward pass through one block: what it needs to rebuild the block's inputs."""
 
-    def __init__(self, x0: torch.Tensor, post_fn):
+    def __init__(self, x0: torch.Tensor):
         self.x = {0: x0}  # position -> n-stream input, present while a step still needs it
-        self.post_inputs: dict[int, tuple] = {}  # position -> (f, h_post, h_res)
+        self.replays: dict[int, object] = {}  # position -> replay(x) -> the next position's input
         self.uses: dict[int, int] = {}  # position -> backward steps still to take x
-        self.post_fn = post_fn
         self.last_output_ptr: int | None = None
+        self._rebuilt_on: dict[int, object] = {}  # position -> the CUDA stream that rebuilt it
 
     def register_use(self, position: int) -> None:
         self.uses[position] = self.uses.get(position, 0) + 1
 
-    def record_post(self, position: int, f, h_post, h_res, output: torch.Tensor) -> None:
-        self.post_inputs[position] = (f, h_post, h_res)
+    def record_post(self, position: int, replay, output: torch.Tensor) -> None:
+        """``replay(x)`` recomputes ``output`` (the input of ``position + 1``) without autograd."""
+        self.replays[position] = replay
         self.last_output_ptr = output.untyped_storage().data_ptr()
 
     def expects(self, x: torch.Tensor) -> bool:
@@ -51,15 +58,25 @@ class RecomputeChain:
             x = self.x[start]
             with torch.no_grad():
                 for p in range(start, position):
-                    x = self.post_fn(x, *self.post_inputs[p])
+                    x = self.replays[p](x)
                     self.x[p + 1] = x
+                    if x.is_cuda:
+                        self._rebuilt_on[p + 1] = torch.cuda.current_stream(x.device)
             for p in range(position):  # inputs below position are rebuilt or kept: drop the rest
-                self.post_inputs.pop(p, None)
+                self.replays.pop(p, None)
         x = self.x[position]
         self.uses[position] -= 1
         if self.uses[position] == 0:
             del self.x[position]
+        if x.is_cuda:  # rebuilt on one stream, maybe used on another (the high-priority post+res one)
+            torch.cuda.current_stream(x.device).wait_stream(self._rebuilt_on.get(position, torch.cuda.current_stream(x.device)))
+            x.record_stream(torch.cuda.current_stream(x.device))
         return x
+
+    def source(self, position: int):
+        """For a kernel step at ``position``: registers one use, returns the getter of ``x``."""
+        self.register_use(position)
+        return lambda: self.take(position)
 
 
 class BlockRecompute:
@@ -71,11 +88,11 @@ class BlockRecompute:
         self.first_sublayer = first_sublayer
         self.current: RecomputeChain | None = None
 
-    def chain_for(self, position: int, x: torch.Tensor, post_fn) -> RecomputeChain:
+    def chain_for(self, position: int, x: torch.Tensor) -> RecomputeChain:
         """Position 0 opens a new chain with ``x`` as the kept input; later positions continue
         the current one and check that ``x`` is the previous position's output."""
         if position == 0:
-            self.current = RecomputeChain(x, post_fn)
+            self.current = RecomputeChain(x)
             return self.current
         chain = self.current
         if chain is None or not chain.expects(x):

@@ -20,16 +20,22 @@ from __future__ import annotations
 
 import functools
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 from megatron.core.transformer.module import MegatronModule
 from megatron.core.transformer.spec_utils import ModuleSpec, build_module
 
 from .. import ops
+from ..ops._backend import choose
+from .coefficients import MHCCoefficients
 from .recompute import BlockRecompute, RecomputeChain, recomputed
 from .profiling import region
 from .settings import MHCSettings
 from .streams import on_high_priority_stream
+
+if TYPE_CHECKING:
+    from ..kernels.sublayer import SublayerLink
 
 
 @dataclass
@@ -41,10 +47,12 @@ class MHCResidual:
     h_res: torch.Tensor  # [s, b, n, n]
     chain: RecomputeChain | None = None  # set when the sublayer is in a recompute block
     position: int = 0
+    kernels: bool = False  # the Triton kernels run this sublayer
+    link: SublayerLink | None = None  # the kernels' shared g_x buffer (when building a graph)
 
     def float(self) -> "MHCResidual":
         """For ``fp32_residual_connection``: Megatron calls ``residual.float()``."""
-        return MHCResidual(self.x.float(), self.h_post, self.h_res, self.chain, self.position)
+        return MHCResidual(self.x.float(), self.h_post, self.h_res, self.chain, self.position, self.kernels, self.link)
 
 
 def _unflatten_streams(hidden_states: torch.Tensor, n: int, hidden_size: int, where: str) -> torch.Tensor:
@@ -118,11 +126,12 @@ class MHCSublayerInput(MegatronModule):
                 hidden_states, self.n, self.hidden_size,
                 f"mHC sublayer {self.coefficients.sublayer_index}",
             )
+        grad = torch.is_grad_enabled()
         with region("pre"):
-            if self.recompute is not None and torch.is_grad_enabled():
-                chain = self.recompute.chain_for(
-                    self.position, x, functools.partial(ops.mhc_post_res, backend=self.backend)
-                )
+            if self._uses_kernels(x):
+                h_post, h_res, y, residual = self._kernel_step(x, grad)
+            elif self.recompute is not None and grad:
+                chain = self.recompute.chain_for(self.position, x)
                 h_post, h_res, y = recomputed(
                     self._coefficients_and_pre, chain, self.position, x, *self.coefficients.coefficient_parameters()
                 )
@@ -134,6 +143,30 @@ class MHCSublayerInput(MegatronModule):
         if isinstance(normed, tuple):  # a residual-fused norm returns (output, residual)
             normed = normed[0]
         return normed, residual
+
+    def _uses_kernels(self, x: torch.Tensor) -> bool:
+        """mHC with the Triton kernels chosen for this input (HC has none)."""
+        return isinstance(self.coefficients, MHCCoefficients) and choose(
+            "mhc_sublayer", self.backend, x, n=self.n
+        ) == "triton"
+
+    def _kernel_step(self, x: torch.Tensor, grad: bool):
+        """Coefficients + pre-mix as one autograd function sharing ``g_x`` with the post+res
+        step (:mod:`mhc_megatron.kernels.sublayer`); under recompute ``x`` comes from the chain."""
+        from ..kernels.sublayer import SublayerLink
+
+        chain, link = None, None
+        if grad:
+            if self.recompute is not None:
+                chain = self.recompute.chain_for(self.position, x)
+                # position 0 keeps the block's input itself; later ones take it from the chain
+                link = SublayerLink(None if self.position == 0 else chain.source(self.position))
+                if self.position:
+                    chain.register_use(self.position)  # the post+res half takes it too
+            else:
+                link = SublayerLink()
+        _, h_post, h_res, y = self.coefficients(x, with_pre=True, link=link)
+        return h_post, h_res, y, MHCResidual(x, h_post, h_res, chain, self.position, True, link)
 
     def _coefficients_and_pre(self, x: torch.Tensor, *params: torch.Tensor):
         h_pre, h_post, h_res = self.coefficients(x, *params)
@@ -162,13 +195,13 @@ class MHCSublayerOutput(torch.nn.Module):
     def forward(self, training: bool, fused: bool = False):
         return functools.partial(
             self._post_residual, training=training, backend=self.backend, side_stream=self.high_priority_stream,
-            contraction=self.contraction, per_stream=self.dropout == "per-stream",
+            contraction=self.contraction, fused=fused, per_stream=self.dropout == "per-stream",
         )
 
     @staticmethod
     def _post_residual(
         output_with_bias, residual, prob: float, training: bool, backend: str, side_stream: bool = False,
-        contraction: str | None = None, per_stream: bool = False,
+        contraction: str | None = None, fused: bool = False, per_stream: bool = False,
     ) -> torch.Tensor:
         if not isinstance(residual, MHCResidual):
             raise TypeError(
@@ -177,23 +210,39 @@ class MHCSublayerOutput(torch.nn.Module):
                 "mhc_megatron.mcore.specs"
             )
         out, bias = output_with_bias
-        if bias is not None:
-            out = out + bias
-        if per_stream and training and prob > 0:  # settings refuse it with recompute (no chain here)
-            post = functools.partial(ops.mhc_post_res, backend=backend, stream_dropout=prob)
+        p = prob if training else 0.0
+        chain, position = residual.chain, residual.position
+        if per_stream and p > 0:
+            # upstream's placement, PyTorch reference only (the settings refuse it with the kernels
+            # and with recompute)
+            if residual.kernels or chain is not None:
+                raise ValueError("--mhc-dropout per-stream runs with --mhc-kernels reference and without --mhc-recompute")
+            run = functools.partial(ops.mhc_post_res, backend="reference", bias=bias, stream_dropout=p)
+            replays = []
+        elif residual.kernels:
+            if not fused:  # Megatron's unfused bias-dropout-add: its two passes, then the kernel
+                out, bias, p = _bias_dropout(out, bias, p), None, 0.0
+            from ..kernels.post_res import mhc_post_res_triton
+
+            replays = []
+
+            def run(x, f, h_post, h_res):
+                x_next, replay = mhc_post_res_triton(x, f, h_post, h_res, bias, p, residual.link)
+                replays.append(replay)
+                return x_next
         else:
-            out = torch.nn.functional.dropout(out, p=prob, training=training)
+            out = _bias_dropout(out, bias, p)
             post = functools.partial(ops.mhc_post_res, backend=backend)
+            if chain is not None and torch.is_grad_enabled():
+                run = functools.partial(recomputed, post, chain, position)
+            else:
+                run = post
+            replays = [lambda x_again: post(x_again, out, residual.h_post, residual.h_res)]
         args = (out, residual.h_post, residual.h_res)
-        if residual.chain is not None and torch.is_grad_enabled():
-            chain, position = residual.chain, residual.position
-            run = functools.partial(recomputed, post, chain, position)
-        else:
-            chain, run = None, post
         with region("post_res"):
             x = on_high_priority_stream(run, residual.x, *args) if side_stream else run(residual.x, *args)
-        if chain is not None:
-            chain.record_post(position, *args, x)
+        if chain is not None and torch.is_grad_enabled():
+            chain.record_post(position, replays[0], x)
         if contraction is not None:
             with region("contract"):
                 return ops.contract_streams(x, contraction)
@@ -206,6 +255,12 @@ def streams_of(models) -> int:
     if len(found) > 1:
         raise ValueError(f"the model chunks mix expansion rates {sorted(found)}")
     return found.pop() if found else 1
+
+
+def _bias_dropout(out: torch.Tensor, bias, p: float) -> torch.Tensor:
+    if bias is not None:
+        out = out + bias
+    return torch.nn.functional.dropout(out, p=p, training=True) if p > 0 else out
 
 
 class MHCStreamContraction(MegatronModule):

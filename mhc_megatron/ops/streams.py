@@ -35,12 +35,20 @@ def mhc_post_res(
     h_post: torch.Tensor,
     h_res: torch.Tensor,
     backend: str = "auto",
+    *,
+    bias: torch.Tensor | None = None,
+    dropout: float = 0.0,
+    training: bool = False,
     stream_dropout: float = 0.0,
 ) -> torch.Tensor:
-    """Next residual ``H_res · x + H_post^T · f``.
+    """Next residual ``H_res · x + H_post^T · dropout(f + bias)``.
 
     Shapes: x ``[..., n, C]``, f ``[..., C]`` (the sublayer output), h_post ``[..., n]``,
-    h_res ``[..., n, n]``; returns ``[..., n, C]`` in the dtype of ``x``.
+    h_res ``[..., n, n]``, bias ``[C]`` (optional); returns ``[..., n, C]`` in the dtype of ``x``.
+    ``dropout`` (applied only when ``training``) and ``bias`` are Megatron's bias-dropout-add
+    folded in: ``torch.nn.functional.dropout`` semantics (keep with probability ``1 - p``, scale
+    by ``1 / (1 - p)``); the reference runs them as PyTorch ops, the kernel inside the fused
+    pass (its random numbers differ from torch's, not their distribution).
     ``backend``: ``"auto"`` (the fused Triton kernel for CUDA tensors), ``"reference"`` or
     ``"triton"``.
 
@@ -54,10 +62,19 @@ def mhc_post_res(
     check_shape(f, (*lead, C), "f", "the sublayer output, x.shape[:-2] + (C,)")
     check_shape(h_post, (*lead, n), "h_post", "x.shape[:-1]")
     check_shape(h_res, (*lead, n, n), "h_res", "x.shape[:-2] + (n, n)")
+    if bias is not None:
+        check_shape(bias, (C,), "bias", "one value per channel of the sublayer output")
+    if not 0.0 <= dropout < 1.0:
+        raise ValueError(f"dropout probability must be in [0, 1), got {dropout!r}")
     if not 0.0 <= stream_dropout < 1.0:
         raise ValueError(f"stream_dropout must be in [0, 1), got {stream_dropout!r}")
+    p = dropout if training else 0.0
     if stream_dropout > 0.0:
+        if p > 0:
+            raise ValueError("mhc_post_res: give dropout (one mask shared by the streams) or stream_dropout, not both")
         reference_only("mhc_post_res", backend, "dropout per stream", "--mhc-dropout per-stream", x, f)
+        if bias is not None:
+            f = f + bias
         dt = compute_dtype(x)
         mixed = torch.einsum("...ij,...jc->...ic", h_res.to(dt), x.to(dt))
         expanded = h_post.to(dt).unsqueeze(-1) * f.to(dt).unsqueeze(-2)
@@ -65,7 +82,11 @@ def mhc_post_res(
     if choose("mhc_post_res", backend, x, f, h_post, h_res, n=n) == "triton":
         from ..kernels.post_res import mhc_post_res_triton
 
-        return mhc_post_res_triton(x, f, h_post, h_res)
+        return mhc_post_res_triton(x, f, h_post, h_res, bias, p)[0]
+    if bias is not None:
+        f = f + bias
+    if p > 0:
+        f = torch.nn.functional.dropout(f, p=p, training=True)
     dt = compute_dtype(x)
     mixed = torch.einsum("...ij,...jc->...ic", h_res.to(dt), x.to(dt))
     out = mixed + h_post.to(dt).unsqueeze(-1) * f.to(dt).unsqueeze(-2)
