@@ -55,6 +55,12 @@ def _stream_shapes(original, context):
     return get_forward_backward_func_hook(original, context)
 
 
+def _fine_grained_callables(original, context):
+    from .mcore.fine_grained import build_layer_callables_hook
+
+    return build_layer_callables_hook(original, context)
+
+
 def _training_log(original, context):
     return context.wrap_training_log(original)
 
@@ -117,6 +123,13 @@ HOOKS: tuple[Hook, ...] = (
         "megatron.training calls its schedules without a communicator of its own; the alternative, "
         "variable_seq_lengths, synchronises the device on every stage exchange", "0.19.0", _stream_shapes,
         when="hc/mhc with --pipeline-model-parallel-size > 1 and Megatron's schedules",
+    ),
+    Hook(
+        "fine-grained-callables", "megatron.core.models.common.fine_grained_callables:build_layer_callables",
+        "runs megatron-core's builder, then gives mHC MoE layers a first schedule node that detaches each "
+        "tensor of the mHC residual (n-stream x, H_post, H_res) for the combine node",
+        "megatron-core's nodes detach the residual as one tensor and take layer callables from no spec",
+        "0.19.0", _fine_grained_callables, when="hc/mhc with --overlap-moe-expert-parallel-comm",
     ),
     Hook(
         "diagnostics-log", "megatron.training.training:training_log",

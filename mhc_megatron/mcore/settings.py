@@ -176,12 +176,13 @@ class MHCSettings:
         return dataclasses.replace(self, **changes)
 
 
-def check_transformer_config(config, settings: MHCSettings, *, stage_shapes: bool = True) -> None:
+def check_transformer_config(config, settings: MHCSettings, *, setup: bool = True) -> None:
     """Refuse Megatron options that cannot carry an n-stream residual, naming what to use instead.
 
     ``config`` is a megatron-core ``TransformerConfig`` or Megatron's parsed arguments (the same
-    attribute names). ``stage_shapes``: also require the pipeline shape set-up of
-    :func:`configure_pipeline` (a built config; the command line has not had it yet).
+    attribute names). ``setup``: also require what a launcher sets up before the model is built
+    (the pipeline shapes of :func:`configure_pipeline`, the fine-grained callables hook); the
+    command line has not had it yet.
     """
     if not settings.enabled:
         return
@@ -218,11 +219,18 @@ def check_transformer_config(config, settings: MHCSettings, *, stage_shapes: boo
             "offloading 'attn_norm'/'mlp_norm' activations",
             "drop attn_norm and mlp_norm from --offload-modules",
         )
-    if getattr(config, "overlap_moe_expert_parallel_comm", False):
+    if setup and getattr(config, "overlap_moe_expert_parallel_comm", False) and not fine_grained_callables_ready():
         refuse(
-            "--overlap-moe-expert-parallel-comm (its fine-grained layer callables detach the "
-            "residual as a single tensor)",
-            "run MoE layers without --overlap-moe-expert-parallel-comm",
+            "--overlap-moe-expert-parallel-comm without the mHC fine-grained layer callables (megatron-core's "
+            "detach the residual as one tensor)",
+            "launch through mhc-pretrain-gpt, or install hook 'fine-grained-callables' "
+            "(mhc_megatron.hooks.install) before building the model",
+        )
+    if getattr(config, "overlap_moe_expert_parallel_comm", False) and settings.recompute:
+        refuse(
+            "--mhc-recompute together with --overlap-moe-expert-parallel-comm (a recompute block cannot "
+            "span the expert-parallel schedule nodes)",
+            "drop one of them",
         )
     if getattr(config, "inference_fuse_tp_communication", False) or (
         getattr(config, "transformer_impl", None) == "inference_optimized"
@@ -231,7 +239,7 @@ def check_transformer_config(config, settings: MHCSettings, *, stage_shapes: boo
             "the inference-optimized layers (they fuse the residual add into the projections)",
             "use --transformer-impl local or transformer_engine",
         )
-    if stage_shapes and (getattr(config, "pipeline_model_parallel_size", 1) or 1) > 1 and not pipeline_shapes_handled(config):
+    if setup and (getattr(config, "pipeline_model_parallel_size", 1) or 1) > 1 and not pipeline_shapes_handled(config):
         refuse(
             f"pipeline parallelism (pipeline_model_parallel_size={config.pipeline_model_parallel_size}) "
             "with fixed pipeline shapes: Megatron's schedules size the stage buffers with hidden_size, "
@@ -247,6 +255,13 @@ def check_transformer_config(config, settings: MHCSettings, *, stage_shapes: boo
         )
     if getattr(config, "heterogeneous_block_specs", False):
         refuse("heterogeneous block specs", "use a homogeneous GPT layer spec")
+
+
+def fine_grained_callables_ready() -> bool:
+    """Whether megatron-core's fine-grained layer callables know mHC MoE layers (hook ``fine-grained-callables``)."""
+    from .. import hooks
+
+    return "fine-grained-callables" in hooks.installed()
 
 
 def pipeline_shapes_handled(config) -> bool:

@@ -54,6 +54,11 @@ class MHCResidual:
         """For ``fp32_residual_connection``: Megatron calls ``residual.float()``."""
         return MHCResidual(self.x.float(), self.h_post, self.h_res, self.chain, self.position, self.kernels, self.link)
 
+    def record_stream(self, stream) -> None:
+        """Megatron's expert-parallel combine node marks the residual as used on its stream."""
+        for t in (self.x, self.h_post, self.h_res):
+            t.record_stream(stream)
+
 
 def _unflatten_streams(hidden_states: torch.Tensor, n: int, hidden_size: int, where: str) -> torch.Tensor:
     if hidden_states.shape[-1] != n * hidden_size:

@@ -23,7 +23,7 @@ def check_launch_args(args, *, builtin_entry: bool) -> None:
     ``builtin_entry``: the launch runs mhc-megatron's own GPT entry (no Megatron-LM checkout).
     """
     settings = mhc_settings_from_args(args)
-    check_transformer_config(args, settings, stage_shapes=False)
+    check_transformer_config(args, settings, setup=False)
     if getattr(args, "hybrid_layer_pattern", None):
         check_hybrid_pattern(args.hybrid_layer_pattern, settings)
     if getattr(args, "pipeline_schedule", "default") == "dualpipev":

@@ -158,7 +158,9 @@ def loss_func(loss_mask: torch.Tensor, output_tensor: torch.Tensor):
     return loss, num_tokens, {"lm loss": torch.cat([loss.detach().view(1), num_tokens.view(1)])}
 
 
-def forward_step(data_iterator, model):
+def forward_step(data_iterator, model, return_schedule_plan: bool = False):
+    """One micro-batch's forward; ``return_schedule_plan``: the model's fine-grained schedule plan
+    instead (megatron-core's combined 1F1B with ``--overlap-moe-expert-parallel-comm`` asks for it)."""
     from megatron.core.utils import get_attr_wrapped_model
     from megatron.training import get_timers
 
@@ -166,8 +168,9 @@ def forward_step(data_iterator, model):
     timers("batch-generator", log_level=2).start()
     batch = get_batch(data_iterator, get_attr_wrapped_model(model, "vp_stage"))
     timers("batch-generator").stop()
-    output = model(
-        batch["tokens"], batch["position_ids"], batch["attention_mask"],
-        labels=batch["labels"], loss_mask=batch["loss_mask"],
-    )
+    inputs = (batch["tokens"], batch["position_ids"], batch["attention_mask"])
+    if return_schedule_plan:
+        plan = model.build_schedule_plan(*inputs, labels=batch["labels"], loss_mask=batch["loss_mask"])
+        return plan, partial(loss_func, batch["loss_mask"])
+    output = model(*inputs, labels=batch["labels"], loss_mask=batch["loss_mask"])
     return output, partial(loss_func, batch["loss_mask"])

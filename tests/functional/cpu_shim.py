@@ -7,7 +7,8 @@ exactly these things, and nothing in the product branches on it:
 Device arguments (a ``torch.overrides.TorchFunctionMode``, active for the whole process):
   * every ``device=`` keyword naming CUDA (``"cuda"``, ``"cuda:N"``, a CUDA ``torch.device``, a bare
     int index) becomes the CPU; so do the positional devices of ``Tensor.to``;
-  * ``Tensor.cuda()`` and ``Tensor.pin_memory()`` return the tensor itself;
+  * ``Tensor.cuda()`` and ``Tensor.pin_memory()`` return the tensor itself; ``Tensor.record_stream``
+    does nothing (the streams below are inert);
   * ``Tensor.type()`` (no argument) answers the CUDA type name (``torch.cuda.FloatTensor``...): the
     optimizer wrappers and gradient clipping assert it, so clipping and bf16 stay on.
 
@@ -30,6 +31,9 @@ MoE router's ``gating``, the sequence-parallel gather/scatter mappings, MTP's lo
 ``sequence_parallel``, as transformer-engine's norm does on a GPU; a core attention built for
 multi-latent attention (``k_channels``/``v_channels``, which megatron-core's local
 ``DotProductAttention`` does not take) is the product's portable ``SDPACoreAttention``.
+
+megatron-core's alltoall MoE dispatcher turns its split sizes into host arrays as it does for CUDA
+tensors (gloo's all-to-all takes no tensor split sizes).
 
 One check: Megatron's pipeline shape hand-shake (``P2PCommunicator._communicate_shapes``, used with
 ``variable_seq_lengths``) raises, so a launch that falls back to it fails.
@@ -80,6 +84,8 @@ class CudaToCpu(TorchFunctionMode):
         kwargs = dict(kwargs or {})
         if func in (torch.Tensor.cuda, torch.Tensor.pin_memory):
             return args[0]
+        if func is torch.Tensor.record_stream:  # the streams are inert: nothing to order
+            return None
         if func is torch.Tensor.type and len(args) == 1 and not kwargs:
             name = func(*args)
             return _TYPE_NAMES.get(name, name)
@@ -90,10 +96,18 @@ class CudaToCpu(TorchFunctionMode):
         return func(*args, **kwargs)
 
 
-class _InertStream:
+class _InertStream(torch.Stream):
+    """A CPU ``torch.Stream`` (so tensor methods taking a stream accept it) that orders nothing."""
+
+    def __new__(cls, *args, **kwargs):
+        return super().__new__(cls, device="cpu")
+
     def __init__(self, *args, **kwargs):
-        self.priority = kwargs.get("priority", 0)
-        self.device = _CPU
+        self._priority = kwargs.get("priority", 0)
+
+    @property
+    def priority(self):
+        return self._priority
 
     def wait_stream(self, *args, **kwargs):
         pass
@@ -249,6 +263,20 @@ def _portable_mla_core_attention() -> None:
     gpt.MCoreDotProductAttention = CoreAttention
 
 
+def _moe_split_sizes_on_the_host() -> None:
+    """megatron-core's alltoall token dispatcher moves its split sizes to the host (numpy) only
+    from CUDA tensors; on the CPU they stay tensors, which gloo's ``all_to_all_single`` refuses.
+    Convert them as the dispatcher does on a GPU."""
+    from megatron.core.transformer.moe import token_dispatcher
+
+    def maybe_move_tensor_to_cpu(tensor, as_numpy=False, record_stream=False):
+        if torch.is_tensor(tensor) and as_numpy:
+            return tensor.numpy()
+        return tensor
+
+    token_dispatcher.maybe_move_tensor_to_cpu = maybe_move_tensor_to_cpu
+
+
 def _forbid_shape_handshakes() -> None:
     """A check, not a redirection: Megatron's per-message shape hand-shake (``variable_seq_lengths``,
     a device sync and a host read per stage exchange) must not happen; mhc-pretrain-gpt's
@@ -273,6 +301,7 @@ def _patch_megatron_core() -> None:
     _sequence_parallel_torch_norm()
     _portable_mla_core_attention()
     _forbid_shape_handshakes()
+    _moe_split_sizes_on_the_host()
 
 
 _MODE: CudaToCpu | None = None

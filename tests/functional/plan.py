@@ -27,6 +27,8 @@ MOE_MLA = [
     "--multi-latent-attention", "--kv-lora-rank", "32", "--q-lora-rank", "32", "--qk-head-dim", "16",
     "--qk-pos-emb-head-dim", "8", "--v-head-dim", "16", "--position-embedding-type", "rope",
 ]
+EP_OVERLAP_BASE = ["--num-experts", "4", "--moe-router-topk", "2", "--disable-bias-linear", "--bf16",
+                   "--moe-token-dispatcher-type", "alltoall", "--expert-model-parallel-size", "2"]
 HYBRID = ["--hybrid-layer-pattern", "*-*-*-*-", "--num-layers", "8", "--position-embedding-type", "none"]
 INIT_STEP = ["--lr", "0", "--min-lr", "0", "--train-iters", "1", "--save-interval", "1"]  # + --save DIR
 
@@ -71,6 +73,9 @@ def _launches() -> list[Launch]:
         L("moe_ep1", [*MHC, *MOE_MLA, *from_init("moe_init")], needs=("moe_init",)),
         L("moe_ep2", [*MHC, *MOE_MLA, "--expert-model-parallel-size", "2", *from_init("moe_init")],
           nproc=2, needs=("moe_init",)),
+        # 4. megatron-core's expert-parallel overlap (combined 1F1B; it needs bf16 and the alltoall dispatcher)
+        L("moe_ep2_bf16", [*MHC, *EP_OVERLAP_BASE], nproc=2),
+        L("moe_ep2_bf16_overlap", [*MHC, *EP_OVERLAP_BASE, "--overlap-moe-expert-parallel-comm"], nproc=2),
         # 5. mHC recompute
         L("mhc_recompute_auto", [*MHC, "--mhc-recompute"]),
         L("mhc_recompute_3", [*MHC, "--mhc-recompute", "--mhc-recompute-block-size", "3"]),

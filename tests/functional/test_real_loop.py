@@ -7,7 +7,9 @@ Every case launches the product as a user does (torchrun, gloo) and compares the
   the uninterrupted run, recompute vs keeping the intermediates);
 * ``LAYOUT`` (5e-6 absolute, on losses near 4.5): another parallel layout of the same model from
   the same weights; only the order of float32 sums differs (measured: at most 5e-7);
-* ``BF16`` (0.05): bf16 against the float32 run (measured: about 1e-3).
+* ``BF16`` (0.05): bf16 against the float32 run (measured: about 1e-3);
+* ``BF16_ORDER`` (2e-3): the same bf16 model with the order of some sums changed (measured: 4e-4,
+  residual mode alike).
 
 What each case proves, and how to add one: docs/testing.md.
 """
@@ -30,6 +32,7 @@ pytestmark = [pytest.mark.functional, pytest.mark.slow]
 EXACT = 0.0
 LAYOUT = 5e-6
 BF16 = 0.05
+BF16_ORDER = 2e-3
 ITERATIONS = list(range(1, 9))
 
 
@@ -112,6 +115,18 @@ def test_dualpipev_matches_the_single_process_curve(matrix):
 def test_moe_with_mla_matches_across_expert_parallel_sizes(matrix):
     assert_curves_match(matrix, "moe_ep2", "moe_ep1", LAYOUT)
     assert_trains(curve(matrix, "moe_ep1"))
+
+
+@uses("moe_ep2_bf16", "moe_ep2_bf16_overlap")
+def test_expert_parallel_overlap_computes_the_same_step(matrix):
+    """--overlap-moe-expert-parallel-comm runs the mHC MoE layers as megatron-core's schedule nodes
+    (combined 1F1B): the same forward, and the same training up to bf16 rounding (the nodes'
+    backward sums the residual's gradients in another order)."""
+    assert curve(matrix, "moe_ep2_bf16_overlap", [1]) == curve(matrix, "moe_ep2_bf16", [1])
+    assert_curves_match(matrix, "moe_ep2_bf16_overlap", "moe_ep2_bf16", BF16_ORDER)
+    norms = [matrix.run(n).scalars["grad-norm"][1] for n in ("moe_ep2_bf16_overlap", "moe_ep2_bf16")]
+    assert norms[0] == pytest.approx(norms[1], rel=1e-2), norms
+    assert "combined_1f1b" not in matrix.run("moe_ep2_bf16").log
 
 
 # 5 --------------------------------------------------------------------------------------------
@@ -208,7 +223,8 @@ REFUSALS = [
     (["--residual-mode", "mhc", "--mhc-recompute", "--recompute-granularity", "full", "--recompute-method",
       "uniform"], 1, "--mhc-recompute together with --recompute-granularity full"),
     (["--residual-mode", "mhc", "--cuda-graph-impl", "local"], 1, "run without --cuda-graph-impl"),
-    (["--residual-mode", "hc", "--overlap-moe-expert-parallel-comm"], 1, "--overlap-moe-expert-parallel-comm"),
+    (["--residual-mode", "mhc", "--mhc-recompute", "--overlap-moe-expert-parallel-comm"], 1,
+     "--mhc-recompute together with --overlap-moe-expert-parallel-comm"),
     (["--residual-mode", "mhc", "--hybrid-layer-pattern", "*M*-", "--num-layers", "4"], 1, "'M' (Mamba)"),
     (["--residual-mode", "mhc", "--hybrid-layer-pattern", "*-*-/*-", "--num-layers", "4"], 1,
      "multi-token prediction in the hybrid pattern"),
