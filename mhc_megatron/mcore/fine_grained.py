@@ -60,8 +60,11 @@ def detached_residual(residual: MHCResidual, detach) -> MHCResidual:
             "--mhc-recompute with --overlap-moe-expert-parallel-comm: a recompute block cannot span "
             "the expert-parallel schedule nodes; drop one of them"
         )
-    return dataclasses.replace(residual, x=detach(residual.x), h_post=detach(residual.h_post),
-                               h_res=detach(residual.h_res))
+    # Under the Triton kernels the post+res backward hands g_x to the sublayer's link, outside
+    # autograd, and the input half (in this node) takes it: the node must not route a gradient
+    # for x, it would find none.
+    x = residual.x.detach() if residual.link is not None else detach(residual.x)
+    return dataclasses.replace(residual, x=x, h_post=detach(residual.h_post), h_res=detach(residual.h_res))
 
 
 def build_layer_callables_hook(original, context=None):
