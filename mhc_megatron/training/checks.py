@@ -40,8 +40,8 @@ def data_parallel_size(args) -> int:
                       * getattr(args, "context_parallel_size", 1))
     if args.world_size % model_parallel:
         raise ValueError(
-            f"world size {args.world_size} is not a multiple of --tensor-model-parallel-size x "
-            f"--pipeline-model-parallel-size x --context-parallel-size = {model_parallel}"
+            f"--tensor-model-parallel-size x --pipeline-model-parallel-size x --context-parallel-size = "
+            f"{model_parallel} does not divide the world size {args.world_size}: change the sizes or the rank count"
         )
     return args.world_size // model_parallel
 
