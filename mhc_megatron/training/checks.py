@@ -9,10 +9,11 @@ and the fix. The same conditions are checked again on the built configs (``check
 
 from __future__ import annotations
 
+import sys
 import types
 
 from ..mcore.hybrid import check_hybrid_pattern
-from ..mcore.settings import check_transformer_config
+from ..mcore.settings import KERNEL_STREAMS, check_transformer_config
 from ..pipeline.program import check_microbatches
 from .arguments import mhc_settings_from_args
 
@@ -32,6 +33,25 @@ def check_launch_args(args, *, builtin_entry: bool) -> None:
         from .gpt_entry import check_supported
 
         check_supported(args)
+    warn_reference_fallback(settings)
+
+
+def warn_reference_fallback(settings, *, cuda: bool | None = None) -> bool:
+    """``--mhc-kernels auto`` on a GPU with an n the kernels lack runs the slow reference: say so
+    once, at launch, instead of a runtime warning per op (``--mhc-kernels triton`` refuses it)."""
+    if not (settings.enabled and settings.backend == "auto" and settings.expansion_rate not in KERNEL_STREAMS):
+        return False
+    if cuda is None:
+        import torch
+
+        cuda = torch.cuda.is_available()
+    if cuda:
+        n = settings.expansion_rate
+        print(f"mhc-pretrain-gpt: WARNING: --expansion-rate {n}: the Triton kernels are compiled for n in "
+              f"{KERNEL_STREAMS}, so --mhc-kernels auto runs every mHC step of this launch in the PyTorch "
+              f"reference ops on the GPU (several times slower): use n in {KERNEL_STREAMS} for the kernels, "
+              "or --mhc-kernels reference to choose the reference explicitly", file=sys.stderr, flush=True)
+    return cuda
 
 
 def data_parallel_size(args) -> int:
