@@ -27,6 +27,12 @@ def check_launch_args(args, *, builtin_entry: bool) -> None:
     check_transformer_config(args, settings, setup=False)
     if getattr(args, "hybrid_layer_pattern", None):
         check_hybrid_pattern(args.hybrid_layer_pattern, settings)
+        if settings.enabled:
+            from .model_config import check_hybrid_stack
+
+            check_hybrid_stack(settings.mode, args.hybrid_layer_pattern, args.transformer_impl,
+                               getattr(args, "multi_latent_attention", False),
+                               getattr(args, "restore_modelopt_state", False))
     if getattr(args, "pipeline_schedule", "default") == "dualpipev":
         check_dualpipev_args(args, builtin_entry=builtin_entry)
     if builtin_entry:

@@ -112,6 +112,11 @@ LAUNCH = (
     Launch("--mhc-recompute", "with --hybrid-layer-pattern (HybridModel)",
            (*_MHC, "--mhc-recompute", "--hybrid-layer-pattern", "*-*-", "--num-layers", "4"),
            "--mhc-recompute with HybridModel", _HYBRID),
+    Launch("--transformer-impl", "local with a --hybrid-layer-pattern the TE-free hybrid stack cannot build "
+           "(symbols other than *, -, E; multi-latent attention)",
+           (*_MHC, "--hybrid-layer-pattern", "*-*-", "--num-layers", "4", "--multi-latent-attention"),
+           "--transformer-impl local with --hybrid-layer-pattern '*-*-': the transformer-engine-free hybrid stack",
+           "mhc_megatron.training.model_config.check_hybrid_stack"),
     Launch("--pipeline-schedule", "dualpipev with --pipeline-model-parallel-size 1",
            (*_MHC, "--pipeline-schedule", "dualpipev"),
            "--pipeline-schedule dualpipev needs --pipeline-model-parallel-size >= 2, got 1", _DPV),
