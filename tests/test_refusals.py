@@ -72,3 +72,15 @@ def test_launch_warns_once_for_n_without_kernels_on_a_gpu(capsys):
                            (MHCSettings(mode="mhc", expansion_rate=3, backend="reference"), True)):
         assert not warn_reference_fallback(settings, cuda=cuda)
     assert capsys.readouterr().err == ""
+
+
+def test_triton_kernels_without_a_device_are_refused_at_launch(monkeypatch):
+    from mhc_megatron.training.checks import check_kernels_runnable
+
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    with pytest.raises(ValueError, match=r"^--mhc-kernels triton: this machine has no CUDA device"):
+        check_kernels_runnable(MHCSettings(mode="mhc", backend="triton"), cuda=False)
+    check_kernels_runnable(MHCSettings(mode="mhc", backend="triton"), cuda=True)
+    check_kernels_runnable(MHCSettings(mode="mhc", backend="auto"), cuda=False)
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    check_kernels_runnable(MHCSettings(mode="mhc", backend="triton"), cuda=False)

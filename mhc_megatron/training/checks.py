@@ -39,7 +39,26 @@ def check_launch_args(args, *, builtin_entry: bool) -> None:
         from .gpt_entry import check_supported
 
         check_supported(args)
+    check_kernels_runnable(settings)
     warn_reference_fallback(settings)
+
+
+def check_kernels_runnable(settings, *, cuda: bool | None = None) -> None:
+    """``--mhc-kernels triton`` where the kernels cannot run would fail at the first mHC op."""
+    if not (settings.enabled and settings.backend == "triton"):
+        return
+    from ..kernels._common import interpreting, triton_available
+
+    if not triton_available():
+        raise ValueError("--mhc-kernels triton: triton is not installed (pip install triton, or use "
+                         "--mhc-kernels auto / reference)")
+    if cuda is None:
+        import torch
+
+        cuda = torch.cuda.is_available()
+    if not cuda and not interpreting():
+        raise ValueError("--mhc-kernels triton: this machine has no CUDA device, and the kernels run on CUDA "
+                         "tensors (on CPU only under TRITON_INTERPRET=1, slowly): use --mhc-kernels auto or reference")
 
 
 def warn_reference_fallback(settings, *, cuda: bool | None = None) -> bool:
