@@ -34,6 +34,12 @@ def _real(value) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
+def expansion_rate_for(mode: str, n: int) -> int:
+    """``n`` for hc/mhc, the default for the one-stream residual mode: for tools that run several
+    modes from one ``--expansion-rate`` (demo, profile), where n only applies to hc and mhc."""
+    return n if mode != "residual" else DEFAULT_EXPANSION_RATE
+
+
 class InvalidSetting(ValueError):
     """A refused :class:`MHCSettings` field; the launcher names the flag that set it."""
 
@@ -107,7 +113,7 @@ class MHCSettings:
                 check(getattr(self, field))
             except ValueError as err:
                 refuse(field, str(err))
-        if self.mode == "residual" and self.expansion_rate != DEFAULT_EXPANSION_RATE:
+        if self.mode == "residual" and self.expansion_rate not in (1, DEFAULT_EXPANSION_RATE):
             refuse("expansion_rate", "the residual mode has one stream; use mode 'hc' or 'mhc' for n streams, "
                    f"or leave the expansion rate at its default {DEFAULT_EXPANSION_RATE}")
         if not _real(self.alpha_init) or not math.isfinite(self.alpha_init) or self.alpha_init < 0:
