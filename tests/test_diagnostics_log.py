@@ -81,3 +81,33 @@ def test_log_interval_flag_is_checked(argv, match):
     args = add_mhc_arguments(argparse.ArgumentParser()).parse_args(argv)
     with pytest.raises(ValueError, match=match):
         mhc_settings_from_args(args)
+
+
+def test_sinkhorn_columns_off_are_warned_once_per_crossing():
+    from mhc_megatron.ops import sinkhorn_knopp
+
+    messages = []
+    log = MHCDiagnosticsLog(1, iteration_fn=lambda: 0, writers_fn=lambda: (None, None), pp_group_fn=lambda: None,
+                            warn_fn=messages.append)
+    log.sinkhorn = True
+    converged = sinkhorn_knopp(torch.randn(8, 4, 4), iters=20)
+    # logits of 0 and 24: 20 iterations leave a column sum 0.79 from 1 (50 converge)
+    spread = 24.0 * torch.tensor([[1.0, 1, 0, 1], [1, 1, 0, 1], [0, 0, 1, 0], [0, 0, 1, 0]])
+    off = sinkhorn_knopp(spread.expand(8, 4, 4), iters=20)
+    assert (off.sum(-2) - 1).abs().max() > 0.1  # the premise: 20 iterations do not converge here
+    for step, layers in enumerate([{0: converged, 1: off}, {0: converged, 1: off}, {0: converged, 1: converged},
+                                   {0: off, 1: off}], start=1):
+        log.recorded = dict(layers)
+        log.flush(step)
+    assert [m.split(":")[2] for m in messages] == [" iteration 1", " iteration 4", " iteration 4"]
+    assert "mHC sublayer 1 is" in messages[0] and "raise --mhc-sinkhorn-iters" in messages[0]
+    assert "its backward gain is" in messages[0]
+
+
+def test_hc_matrices_are_not_warned_about():
+    messages = []
+    log = MHCDiagnosticsLog(1, iteration_fn=lambda: 0, writers_fn=lambda: (None, None), pp_group_fn=lambda: None,
+                            warn_fn=messages.append)
+    log.recorded = {0: torch.rand(8, 4, 4) * 3}  # HC: unconstrained, columns anything
+    log.flush(1)
+    assert messages == []

@@ -94,8 +94,9 @@ class _Trainer:
         from ..demo.data import VOCAB_SIZE, ByteBatches
         from ..demo.model import build_demo_model
         from ..mcore import MHCSettings
+        from ..mcore.settings import expansion_rate_for
 
-        settings = MHCSettings(mode=mode, expansion_rate=cfg.expansion_rate, recompute=cfg.recompute and mode != "residual")
+        settings = MHCSettings(mode=mode, expansion_rate=expansion_rate_for(mode, cfg.expansion_rate), recompute=cfg.recompute and mode != "residual")
         self.model = build_demo_model(settings, layers=cfg.layers, hidden=cfg.hidden, heads=cfg.heads,
                                       seq_len=cfg.seq_len, vocab_size=VOCAB_SIZE, seed=cfg.seed, device=device)
         self.opt = torch.optim.AdamW(self.model.parameters(), lr=1e-3)

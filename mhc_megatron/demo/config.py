@@ -29,7 +29,7 @@ class DemoConfig:
     model: str = "gpt"
 
     def validate(self) -> None:
-        from ..mcore.settings import MHCSettings
+        from ..mcore.settings import MHCSettings, expansion_rate_for
 
         for name in ("steps", "layers", "hidden", "heads", "seq_len", "batch_size", "eval_every"):
             if getattr(self, name) < 1:
@@ -41,7 +41,7 @@ class DemoConfig:
         if not self.modes:
             raise ValueError("--modes needs at least one of residual, hc, mhc")
         for mode in self.modes:
-            MHCSettings(mode=mode, expansion_rate=self.expansion_rate, sinkhorn_iters=self.sinkhorn_iters)
+            MHCSettings(mode=mode, expansion_rate=expansion_rate_for(mode, self.expansion_rate), sinkhorn_iters=self.sinkhorn_iters)
 
     def resolve_device(self) -> torch.device:
         return resolve_device(self.device)

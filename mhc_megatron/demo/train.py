@@ -9,6 +9,7 @@ from dataclasses import asdict, dataclass, field
 import torch
 
 from ..mcore import MHCSettings
+from ..mcore.settings import expansion_rate_for
 from ..mcore.diagnostics import capture_h_res, gain_summary
 from .config import DemoConfig
 from .data import VOCAB_SIZE, ByteBatches
@@ -70,7 +71,7 @@ def _sync(device: torch.device) -> None:
 def train_mode(mode: str, cfg: DemoConfig, device: torch.device, progress=None) -> ModeResult:
     settings = MHCSettings(
         mode=mode,
-        expansion_rate=cfg.expansion_rate,
+        expansion_rate=expansion_rate_for(mode, cfg.expansion_rate),
         sinkhorn_iters=cfg.sinkhorn_iters,
         res_init_diag=cfg.res_init_diag,
     )

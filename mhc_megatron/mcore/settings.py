@@ -14,9 +14,11 @@ from ..ops import (
     check_expansion_rate,
     check_iters,
 )
+from ..kernels._common import SUPPORTED_STREAMS as KERNEL_STREAMS  # torch only, no triton import
 from ..ops._backend import BACKENDS
 
 RESIDUAL_MODES = ("residual", "hc", "mhc")
+DEFAULT_EXPANSION_RATE = 4
 CONTRACTIONS = ("mean", "sum")
 #: (field, flag, choices with the default first, implemented by the Triton kernels, mhc mode only)
 _NUMERICS_OPTIONS = (
@@ -25,6 +27,17 @@ _NUMERICS_OPTIONS = (
     ("dropout", "--mhc-dropout", DROPOUT_PLACEMENTS, False, False),
     ("init", "--mhc-init", INIT_SCHEMES, True, True),  # initial values only: any backend
 )
+
+
+def _real(value) -> bool:
+    """A number, not a bool (``True`` would pass ``isinstance(value, int)``) nor a string."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def expansion_rate_for(mode: str, n: int) -> int:
+    """``n`` for hc/mhc, the default for the one-stream residual mode: for tools that run several
+    modes from one ``--expansion-rate`` (demo, profile), where n only applies to hc and mhc."""
+    return n if mode != "residual" else DEFAULT_EXPANSION_RATE
 
 
 class InvalidSetting(ValueError):
@@ -100,11 +113,14 @@ class MHCSettings:
                 check(getattr(self, field))
             except ValueError as err:
                 refuse(field, str(err))
-        if not isinstance(self.alpha_init, (int, float)) or not math.isfinite(self.alpha_init) or self.alpha_init < 0:
+        if self.mode == "residual" and self.expansion_rate not in (1, DEFAULT_EXPANSION_RATE):
+            refuse("expansion_rate", "the residual mode has one stream; use mode 'hc' or 'mhc' for n streams, "
+                   f"or leave the expansion rate at its default {DEFAULT_EXPANSION_RATE}")
+        if not _real(self.alpha_init) or not math.isfinite(self.alpha_init) or self.alpha_init < 0:
             refuse("alpha_init", "the gate init must be a finite value >= 0 (the paper uses 0.01)")
-        if not isinstance(self.res_init_diag, (int, float)) or not math.isfinite(self.res_init_diag):
+        if not _real(self.res_init_diag) or not math.isfinite(self.res_init_diag):
             refuse("res_init_diag", "the H_res init diagonal must be finite (0: uniform, 4 to 8: near the identity)")
-        if not isinstance(self.coeff_eps, (int, float)) or not (0 < self.coeff_eps < math.inf):
+        if not _real(self.coeff_eps) or not (0 < self.coeff_eps < math.inf):
             refuse("coeff_eps", "the coefficient norm epsilon must be a finite value > 0 (default 1e-6)")
         for field in ("check_finite", "recompute", "post_res_stream"):
             if not isinstance(getattr(self, field), bool):
@@ -116,6 +132,9 @@ class MHCSettings:
         b = self.recompute_block_size
         if b != "auto" and (isinstance(b, bool) or not isinstance(b, int) or b < 1):
             refuse("recompute_block_size", "the recompute block size must be 'auto' or an integer >= 1")
+        if self.enabled and self.backend == "triton" and self.expansion_rate not in KERNEL_STREAMS:
+            refuse("expansion_rate", f"the Triton kernels (--mhc-kernels triton) are compiled for n in "
+                   f"{KERNEL_STREAMS}: use one of those, or --mhc-kernels reference")
         self._check_upstream_numerics()
 
     def _check_upstream_numerics(self) -> None:

@@ -34,6 +34,16 @@ def check_streams(x: torch.Tensor, name: str = "x") -> tuple[int, int]:
     return x.shape[-2], x.shape[-1]
 
 
+def check_floating(op: str, **tensors: torch.Tensor | None) -> None:
+    """Refuse integer, bool and complex inputs: the reference would compute in (and truncate to) their dtype."""
+    for name, t in tensors.items():
+        if t is not None and not t.is_floating_point():
+            raise ValueError(
+                f"{op}: {name} has dtype {t.dtype}; the mHC ops take floating-point tensors "
+                f"(float32, bfloat16, float16 or float64): convert it first, e.g. {name}.float()"
+            )
+
+
 def check_shape(t: torch.Tensor, expected: tuple[int, ...], name: str, what: str = "") -> None:
     if tuple(t.shape) != tuple(expected):
         hint = f" ({what})" if what else ""

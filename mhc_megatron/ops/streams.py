@@ -8,7 +8,7 @@ from __future__ import annotations
 import torch
 
 from ._backend import choose, reference_only
-from ._checks import check_expansion_rate, check_shape, check_streams, compute_dtype
+from ._checks import check_expansion_rate, check_floating, check_shape, check_streams, compute_dtype
 
 
 def mhc_pre(x: torch.Tensor, h_pre: torch.Tensor, backend: str = "auto") -> torch.Tensor:
@@ -17,6 +17,7 @@ def mhc_pre(x: torch.Tensor, h_pre: torch.Tensor, backend: str = "auto") -> torc
     ``backend``: ``"auto"`` (Triton for CUDA tensors), ``"reference"`` or ``"triton"``.
     """
     n, _ = check_streams(x)
+    check_floating("mhc_pre", x=x, h_pre=h_pre)
     check_shape(h_pre, x.shape[:-1], "h_pre", "x.shape[:-1], one weight per stream")
     if choose("mhc_pre", backend, x, h_pre, n=n) == "triton":
         from ..kernels.pre import mhc_pre_triton
@@ -58,6 +59,7 @@ def mhc_post_res(
     itself, one mask shared by the n streams, before calling this. PyTorch reference only.
     """
     n, C = check_streams(x)
+    check_floating("mhc_post_res", x=x, f=f, h_post=h_post, h_res=h_res, bias=bias)
     lead = x.shape[:-2]
     check_shape(f, (*lead, C), "f", "the sublayer output, x.shape[:-2] + (C,)")
     check_shape(h_post, (*lead, n), "h_post", "x.shape[:-1]")

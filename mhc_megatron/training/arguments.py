@@ -4,11 +4,9 @@ from __future__ import annotations
 
 import argparse
 
-from ..mcore.settings import CONTRACTIONS, RESIDUAL_MODES, InvalidSetting, MHCSettings
+from ..mcore.settings import CONTRACTIONS, DEFAULT_EXPANSION_RATE, RESIDUAL_MODES, InvalidSetting, MHCSettings
 from ..ops import DROPOUT_PLACEMENTS, EPS_PLACEMENTS, INIT_SCHEMES, SINKHORN_ORDERS
 from ..ops._backend import BACKENDS
-
-DEFAULT_EXPANSION_RATE = 4
 
 
 def add_mhc_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:

@@ -9,10 +9,11 @@ and the fix. The same conditions are checked again on the built configs (``check
 
 from __future__ import annotations
 
+import sys
 import types
 
 from ..mcore.hybrid import check_hybrid_pattern
-from ..mcore.settings import check_transformer_config
+from ..mcore.settings import KERNEL_STREAMS, check_transformer_config
 from ..pipeline.program import check_microbatches
 from .arguments import mhc_settings_from_args
 
@@ -26,12 +27,56 @@ def check_launch_args(args, *, builtin_entry: bool) -> None:
     check_transformer_config(args, settings, setup=False)
     if getattr(args, "hybrid_layer_pattern", None):
         check_hybrid_pattern(args.hybrid_layer_pattern, settings)
+        if settings.enabled:
+            from .model_config import check_hybrid_stack
+
+            check_hybrid_stack(settings.mode, args.hybrid_layer_pattern, args.transformer_impl,
+                               getattr(args, "multi_latent_attention", False),
+                               getattr(args, "restore_modelopt_state", False))
     if getattr(args, "pipeline_schedule", "default") == "dualpipev":
         check_dualpipev_args(args, builtin_entry=builtin_entry)
     if builtin_entry:
         from .gpt_entry import check_supported
 
         check_supported(args)
+    check_kernels_runnable(settings)
+    warn_reference_fallback(settings)
+
+
+def check_kernels_runnable(settings, *, cuda: bool | None = None) -> None:
+    """``--mhc-kernels triton`` where the kernels cannot run would fail at the first mHC op."""
+    if not (settings.enabled and settings.backend == "triton"):
+        return
+    from ..kernels._common import interpreting, triton_available
+
+    if not triton_available():
+        raise ValueError("--mhc-kernels triton: triton is not installed (pip install triton, or use "
+                         "--mhc-kernels auto / reference)")
+    if cuda is None:
+        import torch
+
+        cuda = torch.cuda.is_available()
+    if not cuda and not interpreting():
+        raise ValueError("--mhc-kernels triton: this machine has no CUDA device, and the kernels run on CUDA "
+                         "tensors (on CPU only under TRITON_INTERPRET=1, slowly): use --mhc-kernels auto or reference")
+
+
+def warn_reference_fallback(settings, *, cuda: bool | None = None) -> bool:
+    """``--mhc-kernels auto`` on a GPU with an n the kernels lack runs the slow reference: say so
+    once, at launch, instead of a runtime warning per op (``--mhc-kernels triton`` refuses it)."""
+    if not (settings.enabled and settings.backend == "auto" and settings.expansion_rate not in KERNEL_STREAMS):
+        return False
+    if cuda is None:
+        import torch
+
+        cuda = torch.cuda.is_available()
+    if cuda:
+        n = settings.expansion_rate
+        print(f"mhc-pretrain-gpt: WARNING: --expansion-rate {n}: the Triton kernels are compiled for n in "
+              f"{KERNEL_STREAMS}, so --mhc-kernels auto runs every mHC step of this launch in the PyTorch "
+              f"reference ops on the GPU (several times slower): use n in {KERNEL_STREAMS} for the kernels, "
+              "or --mhc-kernels reference to choose the reference explicitly", file=sys.stderr, flush=True)
+    return cuda
 
 
 def data_parallel_size(args) -> int:
@@ -40,8 +85,8 @@ def data_parallel_size(args) -> int:
                       * getattr(args, "context_parallel_size", 1))
     if args.world_size % model_parallel:
         raise ValueError(
-            f"world size {args.world_size} is not a multiple of --tensor-model-parallel-size x "
-            f"--pipeline-model-parallel-size x --context-parallel-size = {model_parallel}"
+            f"--tensor-model-parallel-size x --pipeline-model-parallel-size x --context-parallel-size = "
+            f"{model_parallel} does not divide the world size {args.world_size}: change the sizes or the rank count"
         )
     return args.world_size // model_parallel
 

@@ -11,6 +11,10 @@ their layers' matrices and the rank that owns the writers logs
 - ``mhc/max_single_forward_gain``, ``mhc/max_single_backward_gain``;
 - per sublayer ``mhc/sublayer_<i>/{forward_gain,backward_gain,diag_mean,min,max,col_sum_err}``
   (``col_sum_err``: max |column sum - 1|, how far Sinkhorn is from doubly stochastic).
+
+With mhc, a ``col_sum_err`` above ``COL_SUM_WARN`` is also printed in the training log, once each
+time a sublayer crosses it: large H_res logits leave t_max Sinkhorn iterations short of doubly
+stochastic, and the layer's gain then exceeds 1 without any other sign.
 """
 
 from __future__ import annotations
@@ -22,10 +26,12 @@ from .. import ops
 from ..mcore.coefficients import HCCoefficients, MHCCoefficients
 
 TOKENS = 256  # tokens of the first micro-batch whose H_res are recorded
+COL_SUM_WARN = 0.1  # max |column sum - 1| that is warned about (converged Sinkhorn: < 1e-3)
 
 
 class MHCDiagnosticsLog:
-    def __init__(self, interval: int, *, iteration_fn=None, writers_fn=None, pp_group_fn=None, tokens: int = TOKENS):
+    def __init__(self, interval: int, *, iteration_fn=None, writers_fn=None, pp_group_fn=None, tokens: int = TOKENS,
+                 warn_fn=None, col_sum_warn: float = COL_SUM_WARN):
         if interval < 1:
             raise ValueError(f"--mhc-log-interval must be >= 1, got {interval}")
         self.interval = interval
@@ -33,6 +39,10 @@ class MHCDiagnosticsLog:
         self._iteration = iteration_fn or _megatron_iteration
         self._writers = writers_fn or _megatron_writers
         self._pp_group = pp_group_fn or _megatron_pp_group
+        self._warn = warn_fn or _print_on_last_rank
+        self.col_sum_warn = col_sum_warn
+        self.sinkhorn = False  # the model's H_res are Sinkhorn's (mhc), not HC's unconstrained ones
+        self._off: set[int] = set()  # sublayers above col_sum_warn at the last flush
         self.recorded: dict[int, torch.Tensor] = {}
         self.last: dict | None = None
 
@@ -44,6 +54,7 @@ class MHCDiagnosticsLog:
             for module in chunk.modules():
                 if isinstance(module, (MHCCoefficients, HCCoefficients)):
                     module.register_forward_hook(self._record)
+                    self.sinkhorn |= isinstance(module, MHCCoefficients)
         return model_chunks
 
     def _record(self, module, inputs, output) -> None:
@@ -78,6 +89,8 @@ class MHCDiagnosticsLog:
             return None
         scalars = self.scalars(layers)
         self.last = scalars
+        if self.sinkhorn:
+            self._warn_col_sums(scalars, iteration)
         tensorboard, wandb = self._writers()
         if tensorboard is not None:
             for name, value in scalars.items():
@@ -85,6 +98,24 @@ class MHCDiagnosticsLog:
         if wandb is not None:
             wandb.log(scalars, iteration)
         return scalars
+
+    def _warn_col_sums(self, scalars: dict[str, float], iteration: int) -> None:
+        """Warn once per crossing of ``col_sum_warn``, per sublayer."""
+        for key, err in scalars.items():
+            if not key.endswith("/col_sum_err"):
+                continue
+            index = int(key.split("/")[1].removeprefix("sublayer_"))
+            if err <= self.col_sum_warn:
+                self._off.discard(index)
+            elif index not in self._off:
+                self._off.add(index)
+                gain = scalars[f"mhc/sublayer_{index}/backward_gain"]
+                self._warn(
+                    f"mhc-pretrain-gpt: WARNING: iteration {iteration}: H_res of mHC sublayer {index} is {err:.3g} "
+                    f"from doubly stochastic (max |column sum - 1| > {self.col_sum_warn}; its backward gain is "
+                    f"{gain:.3g}, not 1): the H_res logits are too large for the Sinkhorn iterations; raise "
+                    "--mhc-sinkhorn-iters (or lower the learning rate)"
+                )
 
     @staticmethod
     def scalars(layers: dict[int, torch.Tensor]) -> dict[str, float]:
@@ -118,6 +149,12 @@ def attach_diagnostics_log(interval: int, model_cfg) -> MHCDiagnosticsLog:
     hooks.uninstall("diagnostics-log")  # a logger of an earlier launch in this process
     hooks.install("diagnostics-log", log)
     return log
+
+
+def _print_on_last_rank(message: str) -> None:
+    """Megatron's training log is printed by the last rank."""
+    if not dist.is_initialized() or dist.get_rank() == dist.get_world_size() - 1:
+        print(message, flush=True)
 
 
 def _megatron_iteration() -> int:

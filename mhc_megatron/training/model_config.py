@@ -69,11 +69,8 @@ def apply_mhc_to_hybrid_config(model_cfg, settings: MHCSettings):
     check_transformer_config(transformer, settings)
     spec = model_cfg.hybrid_stack_spec
     if spec is None:
-        if transformer.transformer_impl == "inference_optimized" or model_cfg.restore_modelopt_state:
-            raise ValueError(
-                f"--residual-mode {settings.mode} does not wrap the inference-optimized or ModelOpt hybrid "
-                "stacks; use --transformer-impl transformer_engine"
-            )
+        check_hybrid_stack(settings.mode, model_cfg.hybrid_layer_pattern, transformer.transformer_impl,
+                           transformer.multi_latent_attention, model_cfg.restore_modelopt_state)
         if transformer.transformer_impl == "local":
             spec = _local_hybrid_stack(model_cfg)
         else:
@@ -82,19 +79,33 @@ def apply_mhc_to_hybrid_config(model_cfg, settings: MHCSettings):
     return model_cfg
 
 
-def _local_hybrid_stack(model_cfg):
-    """``--transformer-impl local`` for HybridModel: megatron-core's own hybrid stack is built from
-    transformer-engine modules whatever the flag says, so build the TE-free stack of the same layers."""
-    from ..mcore.hybrid import LOCAL_SYMBOLS, local_hybrid_stack_spec, main_pattern
+def check_hybrid_stack(mode: str, pattern: str, transformer_impl: str, multi_latent_attention: bool,
+                       restore_modelopt_state: bool) -> None:
+    """The hybrid stacks mHC can wrap; run on the command line (training.checks) and on the built config."""
+    from ..mcore.hybrid import LOCAL_SYMBOLS, main_pattern
 
-    transformer = model_cfg.transformer
-    other = sorted(set(main_pattern(model_cfg.hybrid_layer_pattern)) - set(LOCAL_SYMBOLS))
-    if other or transformer.multi_latent_attention:
+    if transformer_impl == "inference_optimized" or restore_modelopt_state:
+        raise ValueError(
+            f"--residual-mode {mode} does not wrap the inference-optimized or ModelOpt hybrid "
+            "stacks; use --transformer-impl transformer_engine"
+        )
+    if transformer_impl != "local":
+        return
+    other = sorted(set(main_pattern(pattern)) - set(LOCAL_SYMBOLS))
+    if other or multi_latent_attention:
         what = "multi-latent attention" if not other else f"the layer symbols {', '.join(map(repr, other))}"
         raise ValueError(
-            f"--transformer-impl local with --hybrid-layer-pattern {model_cfg.hybrid_layer_pattern!r}: the "
+            f"--transformer-impl local with --hybrid-layer-pattern {pattern!r}: the "
             f"transformer-engine-free hybrid stack builds attention ('*'), MLP ('-') and MoE ('E') layers, not "
             f"{what}; use --transformer-impl transformer_engine"
         )
+
+
+def _local_hybrid_stack(model_cfg):
+    """``--transformer-impl local`` for HybridModel: megatron-core's own hybrid stack is built from
+    transformer-engine modules whatever the flag says, so build the TE-free stack of the same layers."""
+    from ..mcore.hybrid import local_hybrid_stack_spec
+
+    transformer = model_cfg.transformer
     return local_hybrid_stack_spec(normalization=transformer.normalization, num_experts=transformer.num_moe_experts,
                                    moe_grouped_gemm=transformer.moe_grouped_gemm)

@@ -27,6 +27,8 @@ import pytest
 from harness import HERE, TINY_GPT
 from plan import LAUNCHES, Matrix, uses
 
+from mhc_megatron.training.refusals import LAUNCH as LAUNCH_REFUSALS
+
 pytestmark = [pytest.mark.functional, pytest.mark.slow]
 
 EXACT = 0.0
@@ -204,50 +206,15 @@ def test_bf16_trains_checkpoints_and_keeps_fp32_main_parameters(matrix):
 
 
 # 10 -------------------------------------------------------------------------------------------
-DUALPIPEV = ["--residual-mode", "mhc", "--pipeline-model-parallel-size", "2", "--pipeline-schedule", "dualpipev",
-             "--untie-embeddings-and-output-weights"]
-
-# (extra flags, world size, what the message must say): every refusal the command line decides
-REFUSALS = [
-    (["--expansion-rate", "4"], 1, "--expansion-rate 4 needs --residual-mode hc or mhc"),
-    (["--residual-mode", "mhc", "--expansion-rate", "0"], 1, "--expansion-rate 0: expansion rate must be an integer >= 1"),
-    (["--residual-mode", "mhc", "--mhc-sinkhorn-iters", "0"], 1, "--mhc-sinkhorn-iters 0: Sinkhorn iterations must be"),
-    (["--residual-mode", "mhc", "--mhc-alpha-init", "-1"], 1, "--mhc-alpha-init -1.0: the gate init must be"),
-    (["--residual-mode", "mhc", "--mhc-res-init-diag", "inf"], 1, "--mhc-res-init-diag inf: the H_res init diagonal"),
-    (["--residual-mode", "mhc", "--mhc-coeff-eps", "0"], 1, "--mhc-coeff-eps 0.0: the coefficient norm epsilon"),
-    (["--residual-mode", "mhc", "--mhc-recompute-block-size", "0"], 1, "--mhc-recompute-block-size 0:"),
-    (["--residual-mode", "mhc", "--mhc-log-interval", "-1"], 1, "--mhc-log-interval -1: must be >= 0"),
-    (["--mhc-log-interval", "2"], 1, "--mhc-log-interval 2 logs H_res, which needs --residual-mode hc or mhc"),
-    (["--residual-mode", "mhc", "--recompute-granularity", "selective", "--recompute-modules", "layernorm"], 1,
-     "drop 'layernorm' from --recompute-modules"),
-    (["--residual-mode", "mhc", "--mhc-recompute", "--recompute-granularity", "full", "--recompute-method",
-      "uniform"], 1, "--mhc-recompute together with --recompute-granularity full"),
-    (["--residual-mode", "mhc", "--cuda-graph-impl", "local"], 1, "run without --cuda-graph-impl"),
-    (["--residual-mode", "mhc", "--mhc-recompute", "--overlap-moe-expert-parallel-comm"], 1,
-     "--mhc-recompute together with --overlap-moe-expert-parallel-comm"),
-    (["--residual-mode", "mhc", "--hybrid-layer-pattern", "*M*-", "--num-layers", "4"], 1, "'M' (Mamba)"),
-    (["--residual-mode", "mhc", "--hybrid-layer-pattern", "*-*-/*-", "--num-layers", "4"], 1,
-     "multi-token prediction in the hybrid pattern"),
-    (["--residual-mode", "mhc", "--mhc-recompute", "--hybrid-layer-pattern", "*-*-", "--num-layers", "4"], 1,
-     "--mhc-recompute with HybridModel"),
-    (["--residual-mode", "mhc", "--pipeline-schedule", "dualpipev"], 1,
-     "--pipeline-schedule dualpipev needs --pipeline-model-parallel-size >= 2, got 1"),
-    ([*DUALPIPEV[:-1]], 2, "add --untie-embeddings-and-output-weights"),
-    ([*DUALPIPEV, "--global-batch-size", "2"], 2, "needs at least 4 micro-batches per step"),
-    ([*DUALPIPEV, "--num-layers", "6"], 2, "6 is not a multiple of 4"),
-    ([*DUALPIPEV, "--mtp-num-layers", "1", "--position-embedding-type", "rope"], 2, "drop --mtp-num-layers"),
-    ([*DUALPIPEV, "--hybrid-layer-pattern", "*-*-"], 2, "supports GPTModel only"),
-    ([*DUALPIPEV, "--num-virtual-stages-per-pipeline-rank", "3"], 2, "got --num-virtual-stages-per-pipeline-rank 3"),
-    ([*DUALPIPEV, "--overlap-param-gather", "--use-distributed-optimizer", "--overlap-grad-reduce"], 2,
-     "drop --overlap-param-gather"),
-    (["--residual-mode", "mhc", "--sft"], 1, "--sft needs Megatron-LM's own pretrain_gpt.py"),
-]
+# every refusal the command line decides: the rows of mhc_megatron.training.refusals.LAUNCH (also the
+# table of docs/troubleshooting.md), each run through mhc-pretrain-gpt's main in one worker process
+REFUSALS = LAUNCH_REFUSALS
 
 
 @pytest.fixture(scope="module")
 def refusals(tmp_path_factory):
     root = tmp_path_factory.mktemp("refusals")
-    cases = [{"argv": [*TINY_GPT, *extra], "world_size": ws} for extra, ws, _ in REFUSALS]
+    cases = [{"argv": [*TINY_GPT, *row.argv], "world_size": row.world_size} for row in REFUSALS]
     (root / "cases.json").write_text(json.dumps(cases))
     env = dict(os.environ, PYTHONWARNINGS="ignore", CUDA_DEVICE_MAX_CONNECTIONS="1")
     proc = subprocess.run([sys.executable, os.path.join(HERE, "refusal_worker.py"), str(root / "cases.json"),
@@ -256,13 +223,14 @@ def refusals(tmp_path_factory):
     return json.loads((root / "results.json").read_text())
 
 
-@pytest.mark.parametrize("index", range(len(REFUSALS)), ids=[r[2][:40] for r in REFUSALS])
+@pytest.mark.parametrize("index", range(len(REFUSALS)), ids=[r.message[:40] for r in REFUSALS])
 def test_refused_before_megatron_validates_or_builds(refusals, index):
-    extra, _, message = REFUSALS[index]
+    row = REFUSALS[index]
     result = refusals[index]
     assert result["rc"] == 2, result
-    assert message in result["stderr"], result["stderr"]
-    assert result["stderr"].startswith("mhc-pretrain-gpt: error: --"), result["stderr"]  # names the flag first
+    assert row.message in result["stderr"], result["stderr"]
+    assert result["stderr"].startswith(f"mhc-pretrain-gpt: error: {row.flag} "), result["stderr"]  # names the flag first
+    assert result["raised_in"] == row.raised_in, result["raised_in"]
     assert "------------------------ arguments ------------------------" not in result["stdout"]
     assert not result["megatron_args_set"]
 
