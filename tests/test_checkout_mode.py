@@ -79,7 +79,7 @@ def test_checkout_without_megatron_is_named(tmp_path):
 
 def test_megatron_imported_already_is_refused(tmp_path):
     """In-process callers that imported the wheel's megatron cannot switch to a checkout."""
-    import megatron  # noqa: F401  (the wheel's)
+    import megatron.core  # noqa: F401  (the wheel's)
 
     from mhc_megatron.training.checkout import use_checkout
 

@@ -14,7 +14,11 @@ import sys
 
 
 def _origin(module) -> str:
-    return os.path.dirname(os.path.dirname(os.path.abspath(module.__file__)))
+    """The sys.path entry a package module was imported from (.../megatron/core/__init__.py -> ...)."""
+    path = os.path.abspath(module.__file__)
+    for _ in range(module.__name__.count(".") + 2):
+        path = os.path.dirname(path)
+    return path
 
 
 def use_checkout(path: str) -> tuple[str, str]:
@@ -26,12 +30,14 @@ def use_checkout(path: str) -> tuple[str, str]:
     root = os.path.abspath(path)
     if not os.path.isfile(os.path.join(root, "megatron", "core", "__init__.py")):
         raise ValueError(f"--megatron-lm {path}: no megatron/core package there (not a Megatron-LM checkout)")
-    loaded = sys.modules.get("megatron")
-    if loaded is not None and getattr(loaded, "__file__", None) and _origin(loaded) != root:
-        raise ValueError(
-            f"--megatron-lm {path}: this process already imported megatron from {_origin(loaded)}; "
-            "run mhc-pretrain-gpt in a fresh process so that only the checkout's megatron is used"
-        )
+    # megatron itself may be a namespace package (no __file__): look at every loaded megatron module
+    for name, module in list(sys.modules.items()):
+        if (name == "megatron" or name.startswith("megatron.")) and getattr(module, "__file__", None):
+            if _origin(module) != root:
+                raise ValueError(
+                    f"--megatron-lm {path}: this process already imported megatron from {_origin(module)}; "
+                    "run mhc-pretrain-gpt in a fresh process so that only the checkout's megatron is used"
+                )
     if sys.path[:1] != [root]:
         sys.path.insert(0, root)
     import megatron.core

@@ -62,11 +62,12 @@ def parse_and_validate_args_hook(parse, state: LaunchState):
     """Hook ``arguments``: Megatron's ``parse_and_validate_args`` with our flags and early refusals."""
     import megatron.training.arguments as arguments
 
-    from .arguments import add_mhc_arguments, chain_args_providers, mhc_settings_from_args
-    from .checks import check_launch_args
-    from .patch_entry import refuse_a_second_mhc_parser
-
     def parse_and_validate_args(extra_args_provider=None, ignore_unknown_args=False, args_defaults={}):
+        # imported on call: they import megatron.core, which the entry script may not have loaded yet
+        from .arguments import add_mhc_arguments, chain_args_providers, mhc_settings_from_args
+        from .checks import check_launch_args
+        from .patch_entry import refuse_a_second_mhc_parser
+
         provider = chain_args_providers(extra_args_provider, refuse_a_second_mhc_parser, add_mhc_arguments,
                                         escape_help_percent_signs)
         # refuse what the command line alone decides before Megatron validates, prints or builds
@@ -87,10 +88,11 @@ def parse_and_validate_args_hook(parse, state: LaunchState):
 
 def gpt_config_hook(gpt_config, state: LaunchState):
     """Hook ``gpt-config``: Megatron's GPT model config, made to build mHC layers."""
-    from .arguments import mhc_settings_from_args
-    from .model_config import apply_mhc_to_gpt_config
 
     def gpt_config_from_args(args, *rest, **kwargs):
+        from .arguments import mhc_settings_from_args
+        from .model_config import apply_mhc_to_gpt_config
+
         model_cfg = gpt_config(args, *rest, **kwargs)
         settings = state.settings or mhc_settings_from_args(args)
         model_cfg = apply_mhc_to_gpt_config(model_cfg, settings)
@@ -109,10 +111,11 @@ def gpt_config_hook(gpt_config, state: LaunchState):
 
 def hybrid_config_hook(hybrid_config, state: LaunchState):
     """Hook ``hybrid-config``: Megatron's HybridModel config, made to build mHC layers."""
-    from .arguments import mhc_settings_from_args
-    from .model_config import apply_mhc_to_hybrid_config
 
     def hybrid_config_from_args(args, *rest, **kwargs):
+        from .arguments import mhc_settings_from_args
+        from .model_config import apply_mhc_to_hybrid_config
+
         settings = state.settings or mhc_settings_from_args(args)
         return apply_mhc_to_hybrid_config(hybrid_config(args, *rest, **kwargs), settings)
 
