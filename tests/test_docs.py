@@ -21,3 +21,49 @@ def test_every_doc_linked_from_the_readme_exists():
     assert links
     for link in links:
         assert os.path.exists(os.path.join(ROOT, link)), link
+
+
+def _doc_files():
+    for top in ("README.md", "docs", "examples", "patches"):
+        path = os.path.join(ROOT, top)
+        if os.path.isfile(path):
+            yield path
+        for dirpath, _, names in os.walk(path):
+            for name in names:
+                if name.endswith((".md", ".yaml", ".yml", ".sh", ".patch")):
+                    yield os.path.join(dirpath, name)
+
+
+def test_docs_stand_on_their_own():
+    """No citations of a spec document the repository does not ship, no install of an unpublished package."""
+    import re
+
+    bad = re.compile(r"spec section|§|mhc-spec|pip install mhc-megatron\b")
+    hits = []
+    for path in _doc_files():
+        with open(path) as f:
+            hits += [f"{os.path.relpath(path, ROOT)}:{i}: {line.strip()}"
+                     for i, line in enumerate(f, 1) if bad.search(line)]
+    assert not hits, "\n".join(hits)
+
+
+def test_python_snippets_import_what_exists():
+    """Every ``from mhc_megatron... import names`` in a python block of the docs resolves."""
+    import importlib
+    import re
+
+    checked = 0
+    for path in _doc_files():
+        if not path.endswith(".md"):
+            continue
+        with open(path) as f:
+            blocks = re.findall(r"```python\n(.*?)```", f.read(), re.S)
+        for block in blocks:
+            for module, names in re.findall(r"^\s*from (mhc_megatron[\w.]*) import (\([^)]*\)|[^\n]+)", block, re.M):
+                mod = importlib.import_module(module)
+                for name in re.sub(r"#.*", "", names).strip("()").split(","):
+                    name = name.split(" as ")[0].strip()
+                    if name:
+                        checked += 1
+                        assert hasattr(mod, name), f"{os.path.relpath(path, ROOT)}: from {module} import {name}"
+    assert checked

@@ -12,6 +12,7 @@ from .specs import (
     get_mhc_gpt_layer_local_block_spec,
     mhc_block_spec,
     mhc_layer_spec,
+    with_core_attention,
 )
 from .sublayer import MHCResidual, MHCStreamContraction, MHCSublayerInput, MHCSublayerOutput
 
@@ -30,4 +31,5 @@ __all__ = [
     "get_mhc_gpt_layer_local_block_spec",
     "mhc_block_spec",
     "mhc_layer_spec",
+    "with_core_attention",
 ]

@@ -9,9 +9,14 @@ from ..ops import DROPOUT_PLACEMENTS, EPS_PLACEMENTS, INIT_SCHEMES, SINKHORN_ORD
 from ..ops._backend import BACKENDS
 
 
-def add_mhc_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
-    """Add the mHC flags to a Megatron-LM argument parser (an ``extra_args_provider``)."""
+def add_mhc_arguments(parser: argparse.ArgumentParser, *, launcher_only_action=None) -> argparse.ArgumentParser:
+    """Add the mHC flags to a Megatron-LM argument parser (an ``extra_args_provider``).
+
+    ``launcher_only_action``: the argparse action of the flags that need the launcher's hooks (the
+    patched-script route passes one that refuses their non-default values).
+    """
     d = MHCSettings()
+    launcher_only = {"action": launcher_only_action} if launcher_only_action else {}
     g = parser.add_argument_group("mHC (mhc-megatron)")
     g.add_argument(
         "--residual-mode",
@@ -122,6 +127,7 @@ def add_mhc_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParse
     )
     g.add_argument(
         "--mhc-log-interval",
+        **launcher_only,
         type=int,
         default=0,
         help="Every N iterations log per-sublayer and composite Amax gains and H_res statistics "
@@ -129,6 +135,7 @@ def add_mhc_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParse
     )
     g.add_argument(
         "--pipeline-schedule",
+        **launcher_only,
         choices=("default", "dualpipev"),
         default="default",
         help="Pipeline schedule: 'default' (Megatron's 1F1B, or interleaved with virtual stages) or "

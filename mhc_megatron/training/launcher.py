@@ -29,10 +29,9 @@ import runpy
 import sys
 from dataclasses import dataclass
 
+# Nothing here imports megatron at module level: with --megatron-lm the checkout must be first
+# on sys.path before the first megatron import (mhc_megatron.training.checkout).
 from .. import hooks
-from .arguments import add_mhc_arguments, chain_args_providers, mhc_settings_from_args
-from .checks import check_launch_args
-from .model_config import apply_mhc_to_gpt_config, apply_mhc_to_hybrid_config
 
 PROG = "mhc-pretrain-gpt"
 
@@ -64,7 +63,13 @@ def parse_and_validate_args_hook(parse, state: LaunchState):
     import megatron.training.arguments as arguments
 
     def parse_and_validate_args(extra_args_provider=None, ignore_unknown_args=False, args_defaults={}):
-        provider = chain_args_providers(extra_args_provider, add_mhc_arguments, escape_help_percent_signs)
+        # imported on call: they import megatron.core, which the entry script may not have loaded yet
+        from .arguments import add_mhc_arguments, chain_args_providers, mhc_settings_from_args
+        from .checks import check_launch_args
+        from .patch_entry import refuse_a_second_mhc_parser
+
+        provider = chain_args_providers(extra_args_provider, refuse_a_second_mhc_parser, add_mhc_arguments,
+                                        escape_help_percent_signs)
         # refuse what the command line alone decides before Megatron validates, prints or builds
         check_launch_args(arguments.parse_args(provider, ignore_unknown_args), builtin_entry=state.builtin_entry)
         args = parse(provider, ignore_unknown_args, args_defaults)
@@ -85,6 +90,9 @@ def gpt_config_hook(gpt_config, state: LaunchState):
     """Hook ``gpt-config``: Megatron's GPT model config, made to build mHC layers."""
 
     def gpt_config_from_args(args, *rest, **kwargs):
+        from .arguments import mhc_settings_from_args
+        from .model_config import apply_mhc_to_gpt_config
+
         model_cfg = gpt_config(args, *rest, **kwargs)
         settings = state.settings or mhc_settings_from_args(args)
         model_cfg = apply_mhc_to_gpt_config(model_cfg, settings)
@@ -105,6 +113,9 @@ def hybrid_config_hook(hybrid_config, state: LaunchState):
     """Hook ``hybrid-config``: Megatron's HybridModel config, made to build mHC layers."""
 
     def hybrid_config_from_args(args, *rest, **kwargs):
+        from .arguments import mhc_settings_from_args
+        from .model_config import apply_mhc_to_hybrid_config
+
         settings = state.settings or mhc_settings_from_args(args)
         return apply_mhc_to_hybrid_config(hybrid_config(args, *rest, **kwargs), settings)
 
@@ -194,24 +205,39 @@ def main(argv: list[str] | None = None) -> int:
         _print_help_header()
     state = LaunchState(builtin_entry=not launcher.megatron_lm)
     try:
+        script = None
+        if launcher.megatron_lm:
+            script = _checkout_script(launcher.megatron_lm, megatron_argv)
+            _use_checkout(launcher.megatron_lm)  # before anything imports megatron
         with hooks.active(*LAUNCH_HOOKS, context=state):
-            _launch(launcher, megatron_argv, wants_help)
+            _launch(script, megatron_argv, wants_help)
     except ValueError as err:
         print(f"{PROG}: error: {err}", file=sys.stderr)
         return 2
     return 0
 
 
-def _launch(launcher, megatron_argv: list[str], wants_help: bool) -> None:
+def _checkout_script(path: str, megatron_argv: list[str]) -> str:
+    name = "pretrain_hybrid.py" if "--hybrid-layer-pattern" in megatron_argv else "pretrain_gpt.py"
+    script = os.path.join(path, name)
+    if not os.path.isfile(script):
+        raise ValueError(f"--megatron-lm {path}: no {name} there")
+    return script
+
+
+def _use_checkout(path: str) -> None:
+    """Checkout mode: the checkout's megatron for everything, said in the launch log."""
+    from .checkout import use_checkout
+
+    version, where = use_checkout(path)
+    print(f"{PROG}: Megatron-LM checkout {os.path.abspath(path)}: megatron-core {version} from {where}", flush=True)
+
+
+def _launch(script: str | None, megatron_argv: list[str], wants_help: bool) -> None:
     sys.argv = [PROG, *apply_schedule_defaults(megatron_argv)]
     # --help: our parser's help (the same Megatron flags): Megatron-LM main's pretrain_gpt.py parses
     # --help in its in-process-restart wrapper, outside our hooks, and its help crashes on a bare '%'
-    if launcher.megatron_lm and not wants_help:
-        name = "pretrain_hybrid.py" if "--hybrid-layer-pattern" in megatron_argv else "pretrain_gpt.py"
-        script = os.path.join(launcher.megatron_lm, name)
-        if not os.path.isfile(script):
-            raise ValueError(f"--megatron-lm {launcher.megatron_lm}: no {name} there")
-        sys.path.insert(0, os.path.abspath(launcher.megatron_lm))
+    if script and not wants_help:
         runpy.run_path(script, run_name="__main__")
     else:
         _run_builtin_entry()
