@@ -15,6 +15,7 @@ from ..mcore.hybrid import check_hybrid_pattern
 from ..mcore.settings import check_transformer_config
 from ..pipeline.program import check_microbatches
 from .arguments import mhc_settings_from_args
+from .profile_ranges import check_profile_ranges_args
 
 
 def check_launch_args(args, *, builtin_entry: bool) -> None:
@@ -28,6 +29,7 @@ def check_launch_args(args, *, builtin_entry: bool) -> None:
         check_hybrid_pattern(args.hybrid_layer_pattern, settings)
     if getattr(args, "pipeline_schedule", "default") == "dualpipev":
         check_dualpipev_args(args, builtin_entry=builtin_entry)
+    check_profile_ranges_args(args)
     if builtin_entry:
         from .gpt_entry import check_supported
 

@@ -33,6 +33,7 @@ from .. import hooks
 from .arguments import add_mhc_arguments, chain_args_providers, mhc_settings_from_args
 from .checks import check_launch_args
 from .model_config import apply_mhc_to_gpt_config, apply_mhc_to_hybrid_config
+from .profile_ranges import apply_profile_ranges
 
 PROG = "mhc-pretrain-gpt"
 
@@ -69,6 +70,7 @@ def parse_and_validate_args_hook(parse, state: LaunchState):
         check_launch_args(arguments.parse_args(provider, ignore_unknown_args), builtin_entry=state.builtin_entry)
         args = parse(provider, ignore_unknown_args, args_defaults)
         state.settings = mhc_settings_from_args(args)
+        apply_profile_ranges(args)
         announce(args, state.settings)
         if args.pipeline_schedule == "dualpipev":
             hooks.install("dualpipev-schedule")
@@ -194,7 +196,9 @@ def main(argv: list[str] | None = None) -> int:
         _print_help_header()
     state = LaunchState(builtin_entry=not launcher.megatron_lm)
     try:
-        with hooks.active(*LAUNCH_HOOKS, context=state):
+        from ..mcore.profiling import nvtx_regions
+
+        with hooks.active(*LAUNCH_HOOKS, context=state), nvtx_regions(False):  # --mhc-profile-ranges: on inside
             _launch(launcher, megatron_argv, wants_help)
     except ValueError as err:
         print(f"{PROG}: error: {err}", file=sys.stderr)
