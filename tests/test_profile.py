@@ -49,3 +49,94 @@ def test_profile_cli_json(tmp_path, capsys):
 def test_profile_refuses_bad_modes(modes, match):
     with pytest.raises(ValueError, match=match):
         ProfileConfig(modes=modes).validate()
+
+
+def _nvtx_recorder(monkeypatch):
+    """torch.cuda.nvtx patched to record pushes and pops (no CUDA on CI)."""
+    import torch
+
+    calls = []
+    monkeypatch.setattr(torch.cuda.nvtx, "range_push", lambda msg: calls.append(("push", msg)))
+    monkeypatch.setattr(torch.cuda.nvtx, "range_pop", lambda: calls.append(("pop", None)))
+    return calls
+
+
+def _tiny_mhc_step():
+    import torch
+
+    from mhc_megatron.demo.model import build_demo_model, init_single_process
+    from mhc_megatron.mcore import MHCSettings
+
+    init_single_process(torch.device("cpu"))
+    model = build_demo_model(MHCSettings(mode="mhc", expansion_rate=2), layers=2, hidden=16, heads=2, seq_len=8,
+                             vocab_size=32, seed=0, device=torch.device("cpu"))
+    tokens = torch.randint(0, 32, (1, 8))
+    model(tokens, torch.arange(8).expand_as(tokens), None, labels=tokens).float().mean().backward()
+
+
+def test_mhc_nvtx_ranges_go_through_megatrons_nvtx_helpers(monkeypatch):
+    from megatron.core import utils as mcore_utils
+
+    from mhc_megatron.mcore.profiling import nvtx_regions
+
+    calls = _nvtx_recorder(monkeypatch)
+    with nvtx_regions():
+        monkeypatch.setattr(mcore_utils, "_nvtx_enabled", False)
+        _tiny_mhc_step()
+        assert calls == []  # silent outside Megatron's NVTX window (--profile-step-start/end)
+        monkeypatch.setattr(mcore_utils, "_nvtx_enabled", True)
+        _tiny_mhc_step()
+    pushed = [msg for kind, msg in calls if kind == "push"]
+    ours = [m for m in pushed if m.startswith("mhc.")]  # beside Megatron's own ranges
+    assert {m: ours.count(m) for m in set(ours)} == {"mhc.expand": 1, "mhc.pre": 4, "mhc.post_res": 4, "mhc.contract": 1}
+    assert sum(kind == "pop" for kind, _ in calls) == len(pushed)  # every range closed
+    calls.clear()
+    _tiny_mhc_step()  # switched off again: Megatron's ranges only
+    assert calls and not any(msg.startswith("mhc.") for kind, msg in calls if kind == "push")
+
+
+@pytest.mark.parametrize("extra,match", [
+    ([], "add --profile --nvtx-ranges"),
+    (["--profile"], "add --nvtx-ranges"),
+])
+def test_mhc_profile_ranges_needs_megatrons_nvtx_window(extra, match):
+    import argparse
+
+    from mhc_megatron.training.profile_ranges import check_profile_ranges_args
+
+    args = argparse.Namespace(mhc_profile_ranges=True, residual_mode="mhc", profile="--profile" in extra,
+                              nvtx_ranges="--nvtx-ranges" in extra)
+    with pytest.raises(ValueError, match=match):
+        check_profile_ranges_args(args)
+    args.profile = args.nvtx_ranges = True
+    check_profile_ranges_args(args)
+    args.residual_mode = "residual"
+    with pytest.raises(ValueError, match="which need --residual-mode hc or mhc"):
+        check_profile_ranges_args(args)
+
+
+def test_mhc_pretrain_gpt_refuses_profile_ranges_without_nvtx_ranges():
+    import subprocess
+    import sys
+
+    from launcher_workers import TINY_GPT_ARGS
+
+    env = dict(os.environ, WORLD_SIZE="1", RANK="0", PYTHONWARNINGS="ignore")
+    out = subprocess.run([sys.executable, "-m", "mhc_megatron.training.launcher", *TINY_GPT_ARGS, "--residual-mode", "mhc",
+                          "--mhc-profile-ranges", "--profile"], capture_output=True, text=True, timeout=300, env=env)
+    assert out.returncode == 2
+    assert "--mhc-profile-ranges records through Megatron's NVTX ranges" in out.stderr and "add --nvtx-ranges" in out.stderr
+
+
+def test_launch_with_profile_ranges_switches_the_nvtx_ranges_on_and_back_off(monkeypatch):
+    """The parse hook turns the ranges on for the launch; the launcher's scope restores them."""
+    import argparse
+
+    from mhc_megatron.mcore import profiling
+    from mhc_megatron.training import launcher
+
+    seen = []
+    monkeypatch.setattr(launcher, "_launch", lambda *a: (launcher.apply_profile_ranges(
+        argparse.Namespace(mhc_profile_ranges=True)), seen.append(profiling._NVTX)))
+    assert launcher.main(["--residual-mode", "mhc"]) == 0
+    assert seen == [True] and profiling._NVTX is False
