@@ -140,3 +140,39 @@ def test_launch_with_profile_ranges_switches_the_nvtx_ranges_on_and_back_off(mon
         argparse.Namespace(mhc_profile_ranges=True)), seen.append(profiling._NVTX)))
     assert launcher.main(["--residual-mode", "mhc"]) == 0
     assert seen == [True] and profiling._NVTX is False
+
+
+TINY_LAUNCH = """\
+model: {num_layers: 4, hidden_size: 32, num_attention_heads: 2, seq_length: 16, micro_batch_size: 2, swiglu: true}
+mhc: {residual_mode: mhc, expansion_rate: 2}
+training: {global_batch_size: 2, lr: 1.0e-3}
+"""
+
+
+def test_profile_of_a_launch_config_with_a_layer_override(tmp_path, capsys):
+    path = tmp_path / "launch.yaml"
+    path.write_text(TINY_LAUNCH)
+    assert cli_main(["profile", "--config", str(path), "--layers", "2", "--steps", "2",
+                     "--warmup", "1", "--profile-steps", "1", "--device", "cpu", "--out", str(tmp_path / "out")]) == 0
+    out = capsys.readouterr().out
+    assert f"model of {path}" in out and "not reproduced from the config: swiglu: True" in out
+    assert "2 layers, hidden 32, seq 16 x batch 2, n = 2" in out  # --layers over the config's 4
+    rows = [line.split()[0] for line in out.splitlines() if line.startswith(("residual ", "mhc "))]
+    assert rows == ["residual", "mhc"]
+    report = json.loads((tmp_path / "out" / "profile.json").read_text())
+    assert report["results"][1]["overhead_percent"] is not None and report["not_reproduced"] == ["swiglu: True"]
+
+
+@pytest.mark.parametrize("extra,match", [
+    ("model", "num_experts 8 builds MoE layers, which mhc-megatron profile does not build yet"),
+    ("parallel", "tensor_model_parallel_size 2 needs more than one process; mhc-megatron profile runs one process"),
+])
+def test_profile_refuses_what_its_model_cannot_stand_in_for(tmp_path, extra, match):
+    from mhc_megatron.bench.profile_launch import profile_config_from_launch
+
+    text = (TINY_LAUNCH.replace("swiglu: true}", "swiglu: true, num_experts: 8}") if extra == "model"
+            else TINY_LAUNCH + "parallel: {tensor_model_parallel_size: 2}\n")
+    path = tmp_path / "launch.yaml"
+    path.write_text(text)
+    with pytest.raises(ValueError, match=match):
+        profile_config_from_launch(str(path), {})
