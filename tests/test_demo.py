@@ -15,7 +15,7 @@ KEYS = {"diverged_at", "max_loss_spike", "final_train_loss", "final_val_loss", "
 def test_demo_writes_results_and_plots(tmp_path):
     out = tmp_path / "demo"
     cmd = [sys.executable, "-m", "mhc_megatron.cli", "demo", "--steps", "12", "--layers", "2", "--hidden", "32",
-           "--seq-len", "32", "--batch-size", "4", "--eval-every", "6", "--no-progress", "--device", "cpu",
+           "--seq-len", "32", "--batch-size", "4", "--eval-every", "6", "--lr", "0.02", "--no-progress", "--device", "cpu",
            "--out", str(out)]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
