@@ -47,7 +47,7 @@ def add_parser(sub) -> None:
                    "(no position embedding) (default %(default)s)")
     p.add_argument("--preset", choices=tuple(PRESETS), default="default",
                    help="default: the 4-layer demo; stress: deeper with a higher learning rate, where HC's loss "
-                   "diverges while mHC trains (options given explicitly override the preset) (default %(default)s)")
+                   "spikes while mHC trains (options given explicitly override the preset) (default %(default)s)")
     p.add_argument("--out", default="demo-out", help="output folder (default %(default)s)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(run=run)
