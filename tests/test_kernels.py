@@ -336,3 +336,23 @@ def test_autotune_pruning_keeps_fitting_configs_and_the_interpreter_runs_the_fir
         x, h = torch.randn(3, 4, 4096), torch.rand(3, 4)
         ops.mhc_pre(x, h, backend="triton")
         assert pre._pre_fwd_kernel.best_config.kwargs["BLOCK_C"] == 1024  # the first config, untimed
+
+
+def test_bench_kernels_cpu_obeys_given_shapes_and_names_the_defaults_it_applies():
+    import argparse
+
+    from mhc_megatron.cli.bench_cmd import kernel_shapes
+
+    def ns(**kw):
+        base = dict(device="cpu", tokens=None, hidden=None, impls=None, reps=None)
+        return argparse.Namespace(**{**base, **kw})
+
+    given = kernel_shapes(ns(tokens="64", hidden="64,128", impls="reference", reps=3))
+    assert (given["tokens"], given["hidden"], given["impls"], given["reps"]) == ((64,), (64, 128), ("reference",), 3)
+    assert given["defaulted"] == []
+    smoke = kernel_shapes(ns(hidden="64"))
+    assert (smoke["tokens"], smoke["hidden"]) == ((8,), (64,))
+    assert smoke["defaulted"] == ["--tokens 8", "--impls triton,reference", "--reps 1"]
+    assert kernel_shapes(ns(device="cuda"))["tokens"] == (4096, 16384)
+    with pytest.raises(ValueError, match="--tokens '6x4'"):
+        kernel_shapes(ns(tokens="6x4"))

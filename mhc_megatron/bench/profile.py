@@ -70,6 +70,7 @@ class ModeProfile:
     mode: str
     step_seconds: list[float] = field(default_factory=list)
     breakdown: dict[str, float] = field(default_factory=dict)  # seconds per profiled step
+    ranges_per_step: dict[str, float] = field(default_factory=dict)  # mhc.* ranges entered in forward
     tokens_per_step: int = 0
 
     @property
@@ -84,6 +85,7 @@ class ModeProfile:
             "tokens_per_s": round(self.tokens_per_step / self.median, 1),
             "overhead_percent": None if baseline is None else round(100 * (self.median / baseline - 1), 2),
             "breakdown_ms": {k: round(1e3 * v, 3) for k, v in self.breakdown.items()},
+            "ranges_per_step": self.ranges_per_step,
         }
 
 
@@ -172,6 +174,18 @@ def split_profile(events, profiled_seconds: float, step_seconds: float, on_gpu: 
     return per_step
 
 
+def count_ranges(events, steps: int) -> dict[str, float]:
+    """How often each ``mhc.*`` range was entered in the forward passes, per step (the split's
+    forward share is the time inside exactly these events)."""
+    from ..mcore.profiling import REGION_PREFIX
+
+    counts: dict[str, float] = {}
+    for e in events:
+        if e.name.startswith(REGION_PREFIX) and not _inside_backward(e):
+            counts[e.name] = counts.get(e.name, 0) + 1
+    return {k: v / steps for k, v in sorted(counts.items())}
+
+
 def run_profile(cfg: ProfileConfig, out_dir: str | None = None, progress=None) -> dict:
     from ..demo.model import init_single_process
     from ..mcore.profiling import profiling_regions
@@ -200,6 +214,7 @@ def run_profile(cfg: ProfileConfig, out_dir: str | None = None, progress=None) -
             _sync(device)
             window = time.perf_counter() - start
         t.result.breakdown = split_profile(prof.events(), window, t.result.median, device.type == "cuda")
+        t.result.ranges_per_step = count_ranges(prof.events(), cfg.profile_steps)
         if out_dir:
             import os
 

@@ -5,8 +5,43 @@ from __future__ import annotations
 import json
 
 
-def _ints(text: str) -> tuple[int, ...]:
-    return tuple(int(v) for v in text.split(",") if v.strip())
+def _ints(text: str, flag: str = "") -> tuple[int, ...]:
+    try:
+        values = tuple(int(v) for v in text.split(",") if v.strip())
+    except ValueError:
+        values = ()
+    if not values or min(values) < 1:
+        raise ValueError(f"{flag} {text!r}: expected comma-separated positive integers such as 8,16")
+    return values
+
+
+# --device cpu runs Triton's interpreter (numpy, about a second per launch at these sizes), so its
+# defaults are a smoke-sized shape; flags given on the command line are obeyed on either device
+CUDA_DEFAULTS = {"tokens": "4096,16384", "hidden": "2048,4096,7168", "impls": "triton,reference,compile,liger", "reps": 20}
+CPU_DEFAULTS = {"tokens": "8", "hidden": "32", "impls": "triton,reference", "reps": 1}
+
+
+def _cpu_defaults_text() -> str:
+    return " ".join(f"--{k} {v}" for k, v in CPU_DEFAULTS.items())
+
+
+def kernel_shapes(args) -> dict:
+    """The benchmark's tokens, widths, implementations and repetitions: the flags given, else the
+    device's defaults; ``defaulted`` names the flags that took a CPU default (printed)."""
+    defaults = CPU_DEFAULTS if args.device == "cpu" else CUDA_DEFAULTS
+    chosen, defaulted = {}, []
+    for key, default in defaults.items():
+        value = getattr(args, key)
+        if value is None:
+            value = default
+            if args.device == "cpu":
+                defaulted.append(f"--{key} {default}")
+        chosen[key] = value
+    if chosen["reps"] < 1:
+        raise ValueError(f"--reps {chosen['reps']}: must be >= 1")
+    return {"tokens": _ints(str(chosen["tokens"]), "--tokens"), "hidden": _ints(str(chosen["hidden"]), "--hidden"),
+            "impls": tuple(i.strip() for i in chosen["impls"].split(",") if i.strip()),
+            "reps": chosen["reps"], "defaulted": defaulted}
 
 
 def add_parser(sub) -> None:
@@ -20,17 +55,22 @@ def add_parser(sub) -> None:
             "backward, for our Triton kernels, the PyTorch reference, torch.compile of the reference "
             "and Liger-Kernel (liger in --impls needs liger_kernel installed); print time, GB/s against the memory-traffic floor, "
             "the fraction of the measured copy bandwidth, and the speed-up over the reference. "
-            "--device cpu runs a tiny smoke version in Triton's interpreter (timings meaningless)."
+            "--device cpu runs Triton's interpreter (slow; timings meaningless) with small defaults "
+            f"({_cpu_defaults_text()}) that explicit flags override."
         ),
     )
-    k.add_argument("--tokens", default="4096,16384", help="comma-separated token counts (default %(default)s)")
-    k.add_argument("--hidden", default="2048,4096,7168", help="comma-separated widths C (default %(default)s)")
+    k.add_argument("--tokens", default=None, help=f"comma-separated token counts (default {CUDA_DEFAULTS['tokens']}; "
+                   f"{CPU_DEFAULTS['tokens']} with --device cpu)")
+    k.add_argument("--hidden", default=None, help=f"comma-separated widths C (default {CUDA_DEFAULTS['hidden']}; "
+                   f"{CPU_DEFAULTS['hidden']} with --device cpu)")
     k.add_argument("--expansion-rate", type=int, default=4, help="streams n (default %(default)s)")
     k.add_argument("--dtype", choices=("bf16", "fp16", "fp32"), default="bf16", help="activation dtype (default %(default)s)")
     k.add_argument("--sinkhorn-iters", type=int, default=20, help="Sinkhorn iterations (default %(default)s)")
-    k.add_argument("--impls", default="triton,reference,compile,liger", help="implementations (default %(default)s)")
+    k.add_argument("--impls", default=None, help=f"implementations (default {CUDA_DEFAULTS['impls']}; "
+                   f"{CPU_DEFAULTS['impls']} with --device cpu)")
     k.add_argument("--device", choices=("cuda", "cpu"), default="cuda", help="cuda, or cpu for the interpreted smoke run")
-    k.add_argument("--reps", type=int, default=20, help="timed repetitions (default %(default)s)")
+    k.add_argument("--reps", type=int, default=None, help=f"timed repetitions (default {CUDA_DEFAULTS['reps']}; "
+                   f"{CPU_DEFAULTS['reps']} with --device cpu)")
     k.add_argument("--json", action="store_true", help="print the records as JSON")
     k.set_defaults(run=run)
 
@@ -89,14 +129,18 @@ def run(args) -> int:
 
     from ..bench import kernels as kb
 
+    shapes = kernel_shapes(args)
+    tokens, hidden, impls, reps = shapes["tokens"], shapes["hidden"], shapes["impls"], shapes["reps"]
     if args.device == "cpu":
         kb.enable_cpu_interpreter()
-        tokens, hidden, impls, warmup, reps = (8,), (32,), ("triton", "reference"), 1, 1
+        warmup = 1
+        if shapes["defaulted"] and not args.json:
+            print(f"--device cpu: Triton's interpreter is slow, so the CPU defaults apply: {' '.join(shapes['defaulted'])} "
+                  "(give the flags to choose other values)\n")
     else:
         if not torch.cuda.is_available():
             raise ValueError("bench kernels needs a CUDA device; use --device cpu for the interpreted smoke run")
-        tokens, hidden, warmup, reps = _ints(args.tokens), _ints(args.hidden), 5, args.reps
-        impls = tuple(i.strip() for i in args.impls.split(",") if i.strip())
+        warmup = 5
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[args.dtype]
     records, copy_gbps = kb.run_benchmark(
         tokens=tokens, hidden=hidden, n=args.expansion_rate, dtype=dtype, iters=args.sinkhorn_iters,
@@ -104,7 +148,7 @@ def run(args) -> int:
     )
     name = torch.cuda.get_device_name() if args.device == "cuda" else "cpu (Triton interpreter: timings meaningless)"
     if args.json:
-        print(json.dumps({"device": name, "copy_gbps": copy_gbps, "records": [r.as_dict() for r in records]}))
+        print(json.dumps({"device": name, "cpu_defaults_applied": shapes["defaulted"], "copy_gbps": copy_gbps, "records": [r.as_dict() for r in records]}))
     else:
         print(kb.format_table(records, copy_gbps, name))
     return 0

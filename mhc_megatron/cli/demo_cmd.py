@@ -3,8 +3,16 @@
 from __future__ import annotations
 
 
+def _default(name: str) -> str:
+    """'default X', plus the value each preset sets instead."""
+    from ..demo.config import PRESETS, DemoConfig
+
+    others = [f"{p}: {v[name]}" for p, v in PRESETS.items() if name in v]
+    return f"default {getattr(DemoConfig(), name)}" + "".join(f"; {o}" for o in others)
+
+
 def add_parser(sub) -> None:
-    from ..demo.config import DemoConfig
+    from ..demo.config import PRESETS, DemoConfig
 
     d = DemoConfig()
     p = sub.add_parser(
@@ -19,24 +27,27 @@ def add_parser(sub) -> None:
         ),
     )
     p.add_argument("--modes", default=",".join(d.modes), help="comma-separated modes (default %(default)s)")
-    p.add_argument("--steps", type=int, default=d.steps, help="training steps per mode (default %(default)s)")
-    p.add_argument("--layers", type=int, default=d.layers, help="transformer layers (default %(default)s)")
-    p.add_argument("--hidden", type=int, default=d.hidden, help="hidden size C (default %(default)s)")
-    p.add_argument("--heads", type=int, default=d.heads, help="attention heads (default %(default)s)")
-    p.add_argument("--seq-len", type=int, default=d.seq_len, help="sequence length in bytes (default %(default)s)")
-    p.add_argument("--batch-size", type=int, default=d.batch_size, help="sequences per step (default %(default)s)")
-    p.add_argument("--expansion-rate", type=int, default=d.expansion_rate, help="streams n for hc/mhc (default %(default)s)")
-    p.add_argument("--sinkhorn-iters", type=int, default=d.sinkhorn_iters, help="Sinkhorn iterations (default %(default)s)")
+    p.add_argument("--steps", type=int, default=None, help="training steps per mode (" + _default("steps") + ")")
+    p.add_argument("--layers", type=int, default=None, help="transformer layers (" + _default("layers") + ")")
+    p.add_argument("--hidden", type=int, default=None, help="hidden size C (" + _default("hidden") + ")")
+    p.add_argument("--heads", type=int, default=None, help="attention heads (" + _default("heads") + ")")
+    p.add_argument("--seq-len", type=int, default=None, help="sequence length in bytes (" + _default("seq_len") + ")")
+    p.add_argument("--batch-size", type=int, default=None, help="sequences per step (" + _default("batch_size") + ")")
+    p.add_argument("--expansion-rate", type=int, default=None, help="streams n for hc/mhc (" + _default("expansion_rate") + ")")
+    p.add_argument("--sinkhorn-iters", type=int, default=None, help="Sinkhorn iterations (" + _default("sinkhorn_iters") + ")")
     p.add_argument("--res-init-diag", type=float, default=d.res_init_diag,
                    help="initial diagonal of mHC's H_res logits: 0 = uniform, 4-8 = near identity (default %(default)s)")
-    p.add_argument("--lr", type=float, default=d.lr, help="peak learning rate, AdamW (default %(default)s)")
-    p.add_argument("--eval-every", type=int, default=d.eval_every, help="validation interval in steps (default %(default)s)")
-    p.add_argument("--seed", type=int, default=d.seed, help="random seed (default %(default)s)")
+    p.add_argument("--lr", type=float, default=None, help="peak learning rate, AdamW (" + _default("lr") + ")")
+    p.add_argument("--eval-every", type=int, default=None, help="validation interval in steps (" + _default("eval_every") + ")")
+    p.add_argument("--seed", type=int, default=None, help="random seed (" + _default("seed") + ")")
     p.add_argument("--device", default=d.device, choices=("auto", "cpu", "cuda"),
                    help="auto: CUDA if available, else CPU (default %(default)s)")
     p.add_argument("--model", choices=("gpt", "hybrid"), default=d.model,
                    help="GPTModel, or the same layers as a HybridModel with the pattern '*-*-...' "
                    "(no position embedding) (default %(default)s)")
+    p.add_argument("--preset", choices=tuple(PRESETS), default="default",
+                   help="default: the 4-layer demo; stress: deeper with a higher learning rate, where HC's loss "
+                   "spikes while mHC trains (options given explicitly override the preset) (default %(default)s)")
     p.add_argument("--out", default="demo-out", help="output folder (default %(default)s)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(run=run)
@@ -56,10 +67,11 @@ def _quiet_megatron() -> None:
 def run(args) -> int:
     _quiet_megatron()
     from ..demo.report import format_table, write_outputs
-    from ..demo.config import DemoConfig
+    from ..demo.config import preset_config
     from ..demo.train import run_demo
 
-    cfg = DemoConfig(
+    cfg = preset_config(
+        args.preset,
         modes=tuple(m.strip() for m in args.modes.split(",") if m.strip()),
         steps=args.steps,
         layers=args.layers,

@@ -5,6 +5,9 @@ from __future__ import annotations
 import json
 
 
+CONFIG_FIELDS = ("layers", "hidden", "heads", "seq_len", "batch_size", "expansion_rate")
+
+
 def add_parser(sub) -> None:
     from ..bench.profile import ProfileConfig
 
@@ -21,10 +24,15 @@ def add_parser(sub) -> None:
             "Chrome trace per mode plus a PNG under --out. Uses the GPU when there is one."
         ),
     )
-    p.add_argument("--modes", default=",".join(d.modes), help="comma-separated, residual first (default %(default)s)")
+    p.add_argument("--config", metavar="YAML", help="take the model from a launch config (mhc-megatron "
+                   "validate-config's format): depth, width, heads, sequence, micro-batch, residual mode, n, mHC "
+                   "recompute; the flags below override it; MoE, MLA, hybrid stacks and more than one process are refused")
+    p.add_argument("--modes", default=None, help=f"comma-separated, residual first (default {','.join(d.modes)}; "
+                   "with --config: residual and the config's residual_mode)")
     for name in ("layers", "hidden", "heads", "seq_len", "batch_size", "expansion_rate", "steps", "warmup", "profile_steps"):
-        p.add_argument(f"--{name.replace('_', '-')}", type=int, default=getattr(d, name), help="(default %(default)s)")
-    p.add_argument("--recompute", action="store_true", help="profile with mHC recompute on")
+        p.add_argument(f"--{name.replace('_', '-')}", type=int, default=None,
+                       help=f"(default {getattr(d, name)}{'; or the config' if name in CONFIG_FIELDS else ''})")
+    p.add_argument("--recompute", action="store_true", default=None, help="profile with mHC recompute on")
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default=d.device, help="(default %(default)s)")
     p.add_argument("--out", default="profile-out", help="directory for traces, PNG and JSON (default %(default)s)")
     p.add_argument("--json", action="store_true", help="print one JSON object")
@@ -32,24 +40,36 @@ def add_parser(sub) -> None:
 
 
 def run(args) -> int:
+    import dataclasses
     import os
 
     from ..bench.profile import ProfileConfig, run_profile
 
-    cfg = ProfileConfig(
-        modes=tuple(m.strip() for m in args.modes.split(",") if m.strip()), layers=args.layers, hidden=args.hidden,
-        heads=args.heads, seq_len=args.seq_len, batch_size=args.batch_size, expansion_rate=args.expansion_rate,
-        steps=args.steps, warmup=args.warmup, profile_steps=args.profile_steps, recompute=args.recompute,
-        device=args.device,
-    )
+    given = {name: getattr(args, name) for name in (*CONFIG_FIELDS, "steps", "warmup", "profile_steps", "recompute")}
+    if args.modes is not None:
+        given["modes"] = tuple(m.strip() for m in args.modes.split(",") if m.strip())
+    notes: list[str] = []
+    if args.config:
+        from ..bench.profile_launch import profile_config_from_launch
+
+        cfg, notes = profile_config_from_launch(args.config, given)
+    else:
+        cfg = ProfileConfig(**{k: v for k, v in given.items() if v is not None})
+    cfg = dataclasses.replace(cfg, device=args.device)
     cfg.validate()
     report = run_profile(cfg, out_dir=args.out)
+    if args.config:
+        report["launch_config"], report["not_reproduced"] = args.config, notes
     with open(os.path.join(args.out, "profile.json"), "w") as f:
         json.dump(report, f, indent=1)
     if args.json:
         print(json.dumps(report))
         return 0
     c = report["config"]
+    if args.config:
+        print(f"model of {args.config} (one process, megatron-core local spec, GELU MLP, RMSNorm)")
+        if notes:
+            print(f"not reproduced from the config: {'; '.join(notes)}")
     print(f"device {report['device']}: {c['layers']} layers, hidden {c['hidden']}, seq {c['seq_len']} x batch "
           f"{c['batch_size']}, n = {c['expansion_rate']}; {c['steps']} timed steps after {c['warmup']} warm-up, "
           f"alternating\n")

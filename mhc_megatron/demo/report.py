@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 
 from .config import DemoConfig
+from .data import VOCAB_SIZE
 from .train import ModeResult, config_dict
 
 
@@ -32,10 +34,11 @@ def results_json(results: dict[str, ModeResult]) -> dict:
 def format_table(results: dict[str, ModeResult], cfg: DemoConfig, device: str) -> str:
     lines = [
         f"Tiny {'GPT' if cfg.model == 'gpt' else 'HybridModel (*-*-...)'} on Genesis (KJV), {cfg.layers} layers x {cfg.hidden} wide, {cfg.steps} steps of "
-        f"{cfg.batch_size}x{cfg.seq_len} bytes, n={cfg.expansion_rate}, device={device}",
+        f"{cfg.batch_size}x{cfg.seq_len} bytes, n={cfg.expansion_rate}, peak lr {cfg.lr:g}, device={device}"
+        + (f" (preset {cfg.preset})" if cfg.preset != "default" else ""),
         "",
         f"{'mode':<9}{'train loss':>11}{'val loss':>10}{'max |g|':>9}{'comp. gain':>12}"
-        f"{'tokens/s':>10}{'overhead':>10}",
+        f"{'tokens/s':>10}{'overhead':>10}{'spike':>7}{'diverged':>10}",
     ]
     for mode, r in results.items():
         s = r.summary()
@@ -43,14 +46,39 @@ def format_table(results: dict[str, ModeResult], cfg: DemoConfig, device: str) -
         oh_text = "-" if oh is None or mode == "residual" else f"{100 * oh:+.1f}%"
         lines.append(
             f"{mode:<9}{s['final_train_loss']:>11.3f}{s['final_val_loss']:>10.3f}{s['max_grad_norm']:>9.2f}"
-            f"{s['composite_forward_gain']:>12.3f}{s['tokens_per_s']:>10.0f}{oh_text:>10}"
+            f"{s['composite_forward_gain']:>12.4g}{s['tokens_per_s']:>10.0f}{oh_text:>10}"
+            f"{s['max_loss_spike']:>7.2f}{diverged_text(r):>10}"
         )
     lines += [
         "",
         "comp. gain: forward Amax gain of the product of all H_res of the trained model (1 = no "
-        "amplification); overhead: time per token against residual in this run.",
+        "amplification); overhead: time per token against residual in this run; spike: largest rise of "
+        "the training loss above its lowest value so far (nats); diverged: first step after warm-up "
+        f"with a training loss not finite or >= ln {VOCAB_SIZE} = {math.log(VOCAB_SIZE):.2f} (uniform guessing).",
     ]
+    lines += divergence_notes(results)
     return "\n".join(lines)
+
+
+def diverged_text(r: ModeResult) -> str:
+    return "-" if r.diverged_at is None else f"step {r.diverged_at}"
+
+
+def divergence_notes(results: dict[str, ModeResult]) -> list[str]:
+    """One line per mode that diverged, and which modes trained through."""
+    gone = [m for m, r in results.items() if r.diverged_at is not None]
+    if not gone:
+        return []
+    notes = [""]
+    for mode in gone:
+        r = results[mode]
+        loss = dict(r.train_loss)[r.diverged_at]
+        notes.append(f"{mode} diverged at step {r.diverged_at} (training loss {loss:.3g}; composite gain "
+                     f"{r.gains.get('composite_forward_gain', float('nan')):.3g})")
+    stable = [m for m in results if m not in gone]
+    if stable:
+        notes.append(f"{', '.join(stable)} trained through all {max(s for s, _ in results[stable[0]].train_loss)} steps")
+    return notes
 
 
 def _plot_losses(results: dict[str, ModeResult], path: str) -> None:
@@ -58,10 +86,15 @@ def _plot_losses(results: dict[str, ModeResult], path: str) -> None:
 
     fig, ax = plt.subplots(figsize=(7, 4.2))
     for mode, r in results.items():
-        steps, losses = zip(*r.train_loss)
+        steps, losses = zip(*r.train_loss)  # non-finite losses are left out by matplotlib
         line, = ax.plot(steps, losses, alpha=0.35, linewidth=0.8)
         vsteps, vlosses = zip(*r.val_loss)
         ax.plot(vsteps, vlosses, "o-", color=line.get_color(), label=f"{mode} (val)")
+        if r.diverged_at is not None:
+            ax.axvline(r.diverged_at, color=line.get_color(), linestyle="--", linewidth=1,
+                       label=f"{mode} diverged (step {r.diverged_at})")
+    ax.axhline(math.log(VOCAB_SIZE), color="grey", linewidth=0.8, linestyle=":", label=f"ln {VOCAB_SIZE} (uniform)")
+    ax.set_ylim(0, 2 * math.log(VOCAB_SIZE))  # a diverged run's loss would flatten the others
     ax.set_xlabel("step")
     ax.set_ylabel("loss (nats per byte)")
     ax.set_title("Training (faint) and validation loss")

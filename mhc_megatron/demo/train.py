@@ -13,6 +13,7 @@ from ..mcore.settings import expansion_rate_for
 from ..mcore.diagnostics import capture_h_res, gain_summary
 from .config import DemoConfig
 from .data import VOCAB_SIZE, ByteBatches
+from .divergence import diverged_at, max_spike
 from .model import build_demo_model, init_single_process
 
 
@@ -26,6 +27,8 @@ class ModeResult:
     timed_tokens: int = 0
     gains: dict = field(default_factory=dict)
     parameters: int = 0
+    diverged_at: int | None = None  # first step the loss was not finite or >= ln(vocab) after warm-up
+    max_spike: float = 0.0  # largest rise of the training loss above its lowest value so far
 
     @property
     def tokens_per_s(self) -> float:
@@ -40,6 +43,8 @@ class ModeResult:
             "composite_backward_gain": self.gains["composite_backward_gain"],
             "tokens_per_s": self.tokens_per_s,
             "parameters": self.parameters,
+            "diverged_at": self.diverged_at,
+            "max_loss_spike": self.max_spike,
         }
 
 
@@ -111,6 +116,14 @@ def train_mode(mode: str, cfg: DemoConfig, device: torch.device, progress=None) 
         if progress is not None:
             progress.update(1)
             progress.set_postfix(mode=mode, loss=f"{loss.item():.3f}")
+        if not math.isfinite(loss.item()):  # nothing left to learn from NaN weights
+            if progress is not None:
+                progress.update(cfg.steps - step - 1)
+            break
+    result.diverged_at = diverged_at(result.train_loss, VOCAB_SIZE, cfg.warmup)
+    result.max_spike = max_spike(result.train_loss)
+    if not result.val_loss or result.val_loss[-1][0] != result.train_loss[-1][0]:
+        result.val_loss.append((result.train_loss[-1][0], _evaluate(model, data, device)))
     tokens, labels = (t.to(device) for t in data.val_batches[0])
     with torch.no_grad(), capture_h_res(model) as captured:
         _loss(model, tokens, labels)

@@ -134,6 +134,12 @@ def add_mhc_arguments(parser: argparse.ArgumentParser, *, launcher_only_action=N
         "through Megatron's TensorBoard/W&B writers (0: off) (default %(default)s).",
     )
     g.add_argument(
+        "--mhc-profile-ranges",
+        action="store_true",
+        help="Mark the mHC steps (mhc.expand, mhc.pre, mhc.post_res, mhc.contract) as NVTX ranges, so nsys "
+        "shows them; recorded through Megatron's NVTX ranges, so needs --profile --nvtx-ranges.",
+    )
+    g.add_argument(
         "--pipeline-schedule",
         **launcher_only,
         choices=("default", "dualpipev"),

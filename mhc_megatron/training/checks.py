@@ -16,6 +16,7 @@ from ..mcore.hybrid import check_hybrid_pattern
 from ..mcore.settings import KERNEL_STREAMS, check_transformer_config
 from ..pipeline.program import check_microbatches
 from .arguments import mhc_settings_from_args
+from .profile_ranges import check_profile_ranges_args
 
 
 def check_launch_args(args, *, builtin_entry: bool) -> None:
@@ -35,6 +36,7 @@ def check_launch_args(args, *, builtin_entry: bool) -> None:
                                getattr(args, "restore_modelopt_state", False))
     if getattr(args, "pipeline_schedule", "default") == "dualpipev":
         check_dualpipev_args(args, builtin_entry=builtin_entry)
+    check_profile_ranges_args(args)
     if builtin_entry:
         from .gpt_entry import check_supported
 

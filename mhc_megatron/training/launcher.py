@@ -67,6 +67,7 @@ def parse_and_validate_args_hook(parse, state: LaunchState):
         from .arguments import add_mhc_arguments, chain_args_providers, mhc_settings_from_args
         from .checks import check_launch_args
         from .patch_entry import refuse_a_second_mhc_parser
+        from .profile_ranges import apply_profile_ranges
 
         provider = chain_args_providers(extra_args_provider, refuse_a_second_mhc_parser, add_mhc_arguments,
                                         escape_help_percent_signs)
@@ -74,6 +75,7 @@ def parse_and_validate_args_hook(parse, state: LaunchState):
         check_launch_args(arguments.parse_args(provider, ignore_unknown_args), builtin_entry=state.builtin_entry)
         args = parse(provider, ignore_unknown_args, args_defaults)
         state.settings = mhc_settings_from_args(args)
+        apply_profile_ranges(args)
         announce(args, state.settings)
         if args.pipeline_schedule == "dualpipev":
             hooks.install("dualpipev-schedule")
@@ -209,7 +211,9 @@ def main(argv: list[str] | None = None) -> int:
         if launcher.megatron_lm:
             script = _checkout_script(launcher.megatron_lm, megatron_argv)
             _use_checkout(launcher.megatron_lm)  # before anything imports megatron
-        with hooks.active(*LAUNCH_HOOKS, context=state):
+        from ..mcore.profiling import nvtx_regions
+
+        with hooks.active(*LAUNCH_HOOKS, context=state), nvtx_regions(False):  # --mhc-profile-ranges: on inside
             _launch(script, megatron_argv, wants_help)
     except ValueError as err:
         print(f"{PROG}: error: {err}", file=sys.stderr)
