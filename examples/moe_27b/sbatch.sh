@@ -50,7 +50,7 @@ export TORCH_NCCL_ASYNC_ERROR_HANDLING=1
 export NVTE_FWD_LAYERNORM_SM_MARGIN=16 NVTE_BWD_LAYERNORM_SM_MARGIN=16
 
 if [ -n "${SLURM_JOB_NODELIST:-}" ]; then
-    MASTER_ADDR=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)
+    MASTER_ADDR=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | sed -n 1p)  # sed reads all: no SIGPIPE under pipefail
 elif [ "$DRY_RUN" = 1 ]; then
     MASTER_ADDR=${MASTER_ADDR:-localhost}
 else

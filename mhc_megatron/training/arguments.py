@@ -7,6 +7,7 @@ import argparse
 from ..mcore.settings import CONTRACTIONS, RESIDUAL_MODES, InvalidSetting, MHCSettings
 from ..ops import DROPOUT_PLACEMENTS, EPS_PLACEMENTS, INIT_SCHEMES, SINKHORN_ORDERS
 from ..ops._backend import BACKENDS
+from .lr_schedule import parse_step_decay
 
 DEFAULT_EXPANSION_RATE = 4
 
@@ -128,6 +129,15 @@ def add_mhc_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParse
         default=0,
         help="Every N iterations log per-sublayer and composite Amax gains and H_res statistics "
         "through Megatron's TensorBoard/W&B writers (0: off) (default %(default)s).",
+    )
+    g.add_argument(
+        "--mhc-lr-step-decay",
+        type=parse_step_decay,
+        default=None,
+        metavar="FRACTION:FACTOR,...",
+        help="Step learning-rate schedule, e.g. 0.8:0.316,0.9:0.1: after the warm-up the rate is --lr, "
+        "times 0.316 from 80%% of the decay steps (--lr-decay-iters, default --train-iters) and times 0.1 "
+        "from 90%%, never below --min-lr; needs --lr-decay-style constant (default: off).",
     )
     g.add_argument(
         "--pipeline-schedule",
