@@ -22,7 +22,7 @@ from typing import Any, Callable
 @dataclass(frozen=True)
 class Hook:
     name: str
-    target: str  # "package.module:attribute"
+    target: str  # "package.module:attribute" or "package.module:Class.attribute"
     what: str
     why: str
     since: str  # the megatron-core version that made it necessary
@@ -30,8 +30,12 @@ class Hook:
     when: str = "always"  # when the launcher installs it
 
     def owner_and_attribute(self):
-        module, attribute = self.target.split(":")
-        return importlib.import_module(module), attribute
+        module, path = self.target.split(":")
+        owner = importlib.import_module(module)
+        *parents, attribute = path.split(".")
+        for name in parents:  # a class attribute: the class is the owner
+            owner = getattr(owner, name)
+        return owner, attribute
 
 
 def _launcher(name):
@@ -59,6 +63,12 @@ def _fine_grained_callables(original, context):
     from .mcore.fine_grained import build_layer_callables_hook
 
     return build_layer_callables_hook(original, context)
+
+
+def _lr_step_decay(original, context):
+    from .training.lr_schedule import step_decay_get_lr
+
+    return step_decay_get_lr(original, context)
 
 
 def _training_log(original, context):
@@ -130,6 +140,13 @@ HOOKS: tuple[Hook, ...] = (
         "tensor of the mHC residual (n-stream x, H_post, H_res) for the combine node",
         "megatron-core's nodes detach the residual as one tensor and take layer callables from no spec",
         "0.19.0", _fine_grained_callables, when="hc/mhc with --overlap-moe-expert-parallel-comm",
+    ),
+    Hook(
+        "lr-step-decay", "megatron.core.optimizer_param_scheduler:OptimizerParamScheduler.get_lr",
+        "keeps Megatron's warm-up, then returns --lr times the factor of the last --mhc-lr-step-decay "
+        "boundary passed (never below --min-lr)",
+        "megatron-core's decay styles (constant, linear, cosine, inverse-square-root, WSD) have no step "
+        "schedule", "0.19.0", _lr_step_decay, when="--mhc-lr-step-decay",
     ),
     Hook(
         "diagnostics-log", "megatron.training.training:training_log",

@@ -14,8 +14,8 @@ PACKAGE = os.path.join(ROOT, "mhc_megatron")
 
 
 def _current(hook):
-    module, attribute = hook.target.split(":")
-    return getattr(importlib.import_module(module), attribute)
+    owner, attribute = hook.owner_and_attribute()  # a module, or a class for "module:Class.attr"
+    return getattr(owner, attribute)
 
 
 class _Log:

@@ -20,6 +20,7 @@ class LaunchConfig:
     path: str
     flags: dict  # flag name (underscores) -> value, all sections merged
     cluster: dict = field(default_factory=dict)
+    sections: dict = field(default_factory=dict)  # flag name -> the section it is written in
 
     def get(self, key, default=None):
         value = self.flags.get(key, default)
@@ -44,14 +45,23 @@ class LaunchConfig:
 def load_launch_config(path: str) -> LaunchConfig:
     import yaml
 
-    with open(path) as f:
-        data = yaml.safe_load(f)
+    try:
+        with open(path) as f:
+            data = yaml.safe_load(f)
+    except OSError as err:
+        raise ValueError(f"{path}: cannot read the configuration: {err.strerror}") from None
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        at = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        problem = getattr(err, "problem", None) or str(err)
+        raise ValueError(f"{path}: not valid YAML{at}: {problem}; fix the file (indentation, quotes, colons)") from None
     if not isinstance(data, dict):
         raise ValueError(f"{path}: expected a mapping of sections ({', '.join(SECTIONS)}), got {type(data).__name__}")
     unknown = sorted(set(data) - set(SECTIONS))
     if unknown:
         raise ValueError(f"{path}: unknown section(s) {', '.join(unknown)}; the sections are {', '.join(SECTIONS)}")
     flags: dict = {}
+    sections: dict = {}
     for section in FLAG_SECTIONS:
         entries = data.get(section) or {}
         if not isinstance(entries, dict):
@@ -62,12 +72,13 @@ def load_launch_config(path: str) -> LaunchConfig:
             if key.startswith("-") or "-" in key:
                 raise ValueError(f"{path}: write flag '{key}' with underscores and no leading dashes")
             flags[key] = value
+            sections[key] = section
     cluster = data.get("cluster") or {}
     for key in ("nodes", "gpus_per_node"):
         value = cluster.get(key, 1)
         if not isinstance(value, int) or value < 1:
             raise ValueError(f"{path}: cluster.{key} must be an integer >= 1, got {value!r}")
-    return LaunchConfig(path=path, flags=flags, cluster=cluster)
+    return LaunchConfig(path=path, flags=flags, cluster=cluster, sections=sections)
 
 
 @dataclass(frozen=True)
@@ -88,8 +99,10 @@ class Layout:
     expansion_rate: int  # 1 for the residual model
 
 
-def _int(cfg: LaunchConfig, key: str, default: int) -> int:
+def _int(cfg: LaunchConfig, key: str, default: int | None) -> int:
     value = cfg.get(key, default)
+    if value is None:
+        raise ValueError(f"{cfg.path}: model.{key} is missing: Megatron has no default for it; add '{key}: N' under model")
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
         raise ValueError(f"{cfg.path}: {key} must be an integer >= 1, got {value!r}")
     return value
@@ -98,6 +111,9 @@ def _int(cfg: LaunchConfig, key: str, default: int) -> int:
 def check_layout(cfg: LaunchConfig) -> Layout:
     """Check that parallel sizes, model shape, batch and schedule fit together; the first
     mismatch raises ``ValueError`` naming the numbers and what to change."""
+    from .flag_values import check_flag_values
+
+    check_flag_values(cfg)  # every key and value against the launcher's parser first
     p = cfg.path
     world = cfg.world_size
     tp = _int(cfg, "tensor_model_parallel_size", 1)
@@ -105,10 +121,10 @@ def check_layout(cfg: LaunchConfig) -> Layout:
     cp = _int(cfg, "context_parallel_size", 1)
     ep = _int(cfg, "expert_model_parallel_size", 1)
     etp = _int(cfg, "expert_tensor_parallel_size", tp)
-    layers = _int(cfg, "num_layers", 1)
-    hidden = _int(cfg, "hidden_size", 1)
-    heads = _int(cfg, "num_attention_heads", 1)
-    seq = _int(cfg, "seq_length", 1)
+    layers = _int(cfg, "num_layers", None)
+    hidden = _int(cfg, "hidden_size", None)
+    heads = _int(cfg, "num_attention_heads", None)
+    seq = _int(cfg, "seq_length", None)
     micro = _int(cfg, "micro_batch_size", 1)
 
     if world % (tp * pp * cp):

@@ -132,7 +132,7 @@ def _build_meta_model(cfg: LaunchConfig):
         except SystemExit:
             raise ValueError(f"{cfg.path}: Megatron's parser rejects the flags: {err.getvalue().strip().splitlines()[-1]}") from None
         except AssertionError as e:
-            raise ValueError(f"{cfg.path}: Megatron rejects the configuration: {e}") from None
+            raise ValueError(f"{cfg.path}: Megatron rejects the configuration: {_assertion_text(e)}") from None
         try:
             model_cfg = gpt_config_from_args(args)
             _portable_core_attention(model_cfg)
@@ -140,7 +140,23 @@ def _build_meta_model(cfg: LaunchConfig):
             with torch.device("meta"), hooks.active("meta-device-build"), contextlib.redirect_stdout(io.StringIO()):
                 return builder.build_model(ProcessGroupCollection.use_mpu_process_groups(), pre_process=True, post_process=True)
         except AssertionError as e:
-            raise ValueError(f"{cfg.path}: megatron-core cannot build this model: {e}") from None
+            raise ValueError(f"{cfg.path}: megatron-core cannot build this model: {_assertion_text(e)}") from None
+
+
+def _assertion_text(err: AssertionError) -> str:
+    """The assertion's message, or, for a bare ``assert``, the failing line of Megatron's source."""
+    import traceback
+
+    if str(err):
+        return str(err)
+    frame = traceback.extract_tb(err.__traceback__)[-1]
+    return f"{frame.line} (megatron {os.path.relpath(frame.filename, _megatron_root())}:{frame.lineno})"
+
+
+def _megatron_root() -> str:
+    import megatron
+
+    return os.path.dirname(os.path.dirname(os.path.abspath(megatron.__path__[0])))
 
 
 def _portable_core_attention(model_cfg) -> None:

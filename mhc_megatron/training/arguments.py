@@ -7,6 +7,7 @@ import argparse
 from ..mcore.settings import CONTRACTIONS, DEFAULT_EXPANSION_RATE, RESIDUAL_MODES, InvalidSetting, MHCSettings
 from ..ops import DROPOUT_PLACEMENTS, EPS_PLACEMENTS, INIT_SCHEMES, SINKHORN_ORDERS
 from ..ops._backend import BACKENDS
+from .lr_schedule import parse_step_decay
 
 
 def add_mhc_arguments(parser: argparse.ArgumentParser, *, launcher_only_action=None) -> argparse.ArgumentParser:
@@ -138,6 +139,15 @@ def add_mhc_arguments(parser: argparse.ArgumentParser, *, launcher_only_action=N
         action="store_true",
         help="Mark the mHC steps (mhc.expand, mhc.pre, mhc.post_res, mhc.contract) as NVTX ranges, so nsys "
         "shows them; recorded through Megatron's NVTX ranges, so needs --profile --nvtx-ranges.",
+    )
+    g.add_argument(
+        "--mhc-lr-step-decay",
+        type=parse_step_decay,
+        default=None,
+        metavar="FRACTION:FACTOR,...",
+        help="Step learning-rate schedule, e.g. 0.8:0.316,0.9:0.1: after the warm-up the rate is --lr, "
+        "times 0.316 from 80%% of the decay steps (--lr-decay-iters, default --train-iters) and times 0.1 "
+        "from 90%%, never below --min-lr; needs --lr-decay-style constant (default: off).",
     )
     g.add_argument(
         "--pipeline-schedule",

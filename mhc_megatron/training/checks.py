@@ -16,6 +16,7 @@ from ..mcore.hybrid import check_hybrid_pattern
 from ..mcore.settings import KERNEL_STREAMS, check_transformer_config
 from ..pipeline.program import check_microbatches
 from .arguments import mhc_settings_from_args
+from .launch_environment import check_launch_environment
 from .profile_ranges import check_profile_ranges_args
 
 
@@ -25,6 +26,7 @@ def check_launch_args(args, *, builtin_entry: bool) -> None:
     ``builtin_entry``: the launch runs mhc-megatron's own GPT entry (no Megatron-LM checkout).
     """
     settings = mhc_settings_from_args(args)
+    check_launch_environment(args)  # transformer-engine present when asked for; the step LR schedule
     check_transformer_config(args, settings, setup=False)
     if getattr(args, "hybrid_layer_pattern", None):
         check_hybrid_pattern(args.hybrid_layer_pattern, settings)

@@ -81,6 +81,8 @@ def parse_and_validate_args_hook(parse, state: LaunchState):
             hooks.install("dualpipev-schedule")
         elif state.settings.enabled and args.pipeline_model_parallel_size > 1:
             hooks.install("pipeline-stream-shapes")
+        if args.mhc_lr_step_decay:
+            hooks.install("lr-step-decay", args.mhc_lr_step_decay)
         if state.settings.enabled and getattr(args, "overlap_moe_expert_parallel_comm", False):
             hooks.install("fine-grained-callables")
         return args
