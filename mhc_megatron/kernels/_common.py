@@ -8,6 +8,11 @@ import os
 import torch
 
 SUPPORTED_STREAMS = (1, 2, 4, 8)
+
+
+def num_coefficients(n: int) -> int:
+    """Number of coefficient logits per token: n (pre) + n (post) + n*n (res)."""
+    return n * n + 2 * n
 SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 #: SMs assumed under the interpreter: an H200's, so that CPU runs (tests, ``bench traffic``) make

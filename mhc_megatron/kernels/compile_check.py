@@ -88,12 +88,12 @@ def _launches(n: int) -> list[_Launch]:
     without accumulation, bias and dropout, plus the stand-alone Sinkhorn kernels."""
     import torch
 
-    from ..ops.coefficients import num_coefficients
+    from . import _common
     from . import coefficients as co
     from . import post_res, pre, sinkhorn
 
     T, C, iters = SHAPE["tokens"], SHAPE["hidden"], SHAPE["iters"]
-    m = num_coefficients(n)
+    m = _common.num_coefficients(n)
     meta = dict(device="meta")
     act, f32 = dict(dtype=torch.bfloat16, **meta), dict(dtype=torch.float32, **meta)
     x = torch.empty(T, n, C, **act)

@@ -22,7 +22,7 @@ from megatron.core.transformer.torch_norm import WrappedTorchNorm
 from megatron.core.transformer.transformer_layer import TransformerLayerSubmodules
 
 from .settings import MHCSettings
-from .specs import _remap_norm_keys, sublayer_input_spec, sublayer_output_spec
+from .specs import remap_norm_keys, sublayer_input_spec, sublayer_output_spec
 
 WRAPPED_SLOTS = {"attention_layer": "attention", "mla_layer": "attention", "mlp_layer": "mlp", "moe_layer": "mlp"}
 REFUSED_SYMBOLS = {"M": "Mamba", "G": "GatedDeltaNet", "D": "DSA attention"}
@@ -96,7 +96,7 @@ def hybrid_layer_spec(layer_spec: ModuleSpec, settings: MHCSettings, kind: str, 
     output = sublayer_output_spec(settings, mlp=kind == "mlp", contract=index == num_layers - 1)
     new_sub = dataclasses.replace(
         sub, **{norm_slot: norm_input, bda_slot: output},
-        sharded_state_dict_keys_map=_remap_norm_keys(sub.sharded_state_dict_keys_map),
+        sharded_state_dict_keys_map=remap_norm_keys(sub.sharded_state_dict_keys_map),
     )
     return dataclasses.replace(layer_spec, submodules=new_sub)
 

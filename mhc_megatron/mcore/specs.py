@@ -47,7 +47,7 @@ def _coefficients_spec(settings: MHCSettings, sublayer_index: int) -> ModuleSpec
     return ModuleSpec(module=module, params={"sublayer_index": sublayer_index})
 
 
-def _remap_norm_keys(keys_map: dict[str, str]) -> dict[str, str]:
+def remap_norm_keys(keys_map: dict[str, str]) -> dict[str, str]:
     """The inner norm now lives at ``<slot>.norm.``: keep checkpoint keys pointing at it, so a
     local-spec mHC checkpoint still loads into the transformer-engine spec and back."""
 
@@ -109,7 +109,7 @@ def mhc_layer_spec(
         self_attn_bda=sublayer_output_spec(settings),
         pre_mlp_layernorm=sublayer_input_spec(sub.pre_mlp_layernorm, settings, 2 * layer_index + 1, False, mlp_block),
         mlp_bda=sublayer_output_spec(settings, mlp=True),
-        sharded_state_dict_keys_map=_remap_norm_keys(sub.sharded_state_dict_keys_map),
+        sharded_state_dict_keys_map=remap_norm_keys(sub.sharded_state_dict_keys_map),
     )
     return dataclasses.replace(layer_spec, submodules=new_sub)
 

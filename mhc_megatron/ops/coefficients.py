@@ -13,6 +13,7 @@ import torch
 
 from ._backend import choose, reference_only
 from ._checks import check_iters, check_shape, check_streams, compute_dtype
+from ..kernels._common import num_coefficients  # noqa: F401 (re-exported: ops.num_coefficients)
 from .sinkhorn import check_sinkhorn_order, sinkhorn_knopp
 
 #: Where the epsilon of the coefficient RMS norm goes: ``rsqrt(mean(v^2) + eps)`` (ours, the
@@ -27,11 +28,6 @@ def check_eps_placement(placement: str) -> str:
             "(inside-sqrt: rsqrt(mean + eps), ours; outside: 1/(rms + eps), upstream Megatron-LM's)"
         )
     return placement
-
-
-def num_coefficients(n: int) -> int:
-    """Number of coefficient logits per token: n (pre) + n (post) + n*n (res)."""
-    return n * n + 2 * n
 
 
 def _gate_vector(alpha: torch.Tensor, n: int) -> torch.Tensor:

@@ -25,8 +25,6 @@ from megatron.training.models.gpt import GPTModelBuilder, GPTModelConfig
 
 from ..pipeline.dualpipev import DualPipeV, check_dualpipev_config, chunk_pg_collection, chunk_placements
 
-SCHEDULES = ("default", "dualpipev")
-
 
 @contextlib.contextmanager
 def _pipeline_rank_seen_as(rank: int):
