@@ -8,7 +8,10 @@ Per rank ``r`` of ``P`` and ``M`` micro-batches, with chunk 0 the way down and c
     4. (M-2P+r+1) x F0 B1 F1 B0  5. (P-r-1) x B1 F1 B0        6. (r+1) x B1 B0, the second half B*
     7. (P-r-1) x W B0*           8. (r+1) x W
 
-``B*`` leaves its weight gradient to a later ``W``, which takes the oldest deferred one. In step 6
+``B*`` leaves its weight gradient to a later ``W``, which takes the oldest deferred one. In steps 4
+and 5 each F and the B after it form an overlapped F&B pair (marked ``&``: DeepSeek's
+``_forward_backward_chunk``), except the bottom rank's first F0 B1 of step 4, which run one after the
+other (its F0 feeds its own B1); step 5's lone B1 is not paired. In step 6
 the deferral starts at ``i = (r+1) // 2``: before that step's B1 on odd ranks, before its B0 on even.
 """
 
@@ -23,8 +26,10 @@ def dualpipev_order(rank: int, ranks: int, microbatches: int) -> list[str]:
     tokens += ["F0"] * (2 * before_turn)
     tokens += ["F0", "F1"] * (rank + 1)
     tokens += ["B1*", "W", "F1"] * before_turn
-    tokens += ["F0", "B1", "F1", "B0"] * (microbatches - 2 * ranks + rank + 1)
-    tokens += ["B1", "F1", "B0"] * before_turn
+    for i in range(microbatches - 2 * ranks + rank + 1):
+        first = "F0 B1" if i == 0 and rank == ranks - 1 else "F0& B1&"
+        tokens += [*first.split(), "F1&", "B0&"]
+    tokens += ["B1", "F1&", "B0&"] * before_turn
     deferring = False
     for i in range(rank + 1):
         if i == (rank + 1) // 2 and rank % 2 == 1:
@@ -43,11 +48,11 @@ def dualpipev_order(rank: int, ranks: int, microbatches: int) -> list[str]:
         if token == "W":
             out.append("W" + waiting.pop(0))
             continue
-        kind, chunk, deferred = token[0], token[1], token.endswith("*")
+        kind, chunk, deferred, paired = token[0], token[1], token.endswith("*"), token.endswith("&")
         n = count.get((kind, chunk), 0)
         count[(kind, chunk)] = n + 1
         name = f"{stage[chunk]}.{n}"
-        out.append(f"{kind}{name}" + ("*" if deferred else ""))
+        out.append(f"{kind}{name}" + ("*" if deferred else "") + ("&" if paired else ""))
         if deferred:
             waiting.append(name)
     assert not waiting, "every deferred weight pass runs"
@@ -62,13 +67,15 @@ def as_reference(executed, with_deferral: bool = True) -> list[str]:
         text = str(op)
         if hasattr(op, "with_weights") and op.kind == "B" and not op.with_weights and with_deferral:
             text += "*"
+        if getattr(op, "paired", False):
+            text += "&"
         out.append(text)
     return out
 
 
 def unmarked(order: list[str]) -> list[str]:
-    """The order as ``str(Op)`` spells it (no deferral marks)."""
-    return [op.rstrip("*") for op in order]
+    """The order as ``str(Op)`` spells it (no deferral or pairing marks)."""
+    return [op.rstrip("*&") for op in order]
 
 
 def peak_in_flight(order: list[str]) -> float:
