@@ -256,9 +256,7 @@ def estimate(cfg: LaunchConfig, *, mfu: float = 0.35, peak_tflops: float = 989.0
         mhc_act = sum(e for _, e in chunk_bytes) * in_flight
         ops = program(layout.schedule, rank, layout.pp, layout.microbatches,
                       layout.vpp if layout.schedule == "interleaved" else None)
-        sends = sum(1 for op in ops if (op.kind == "F" and op.stage < place.num_stages - 1
-                                        and place.rank_of(op.stage + 1) != rank)
-                    or (op.kind == "B" and op.stage > 0 and place.rank_of(op.stage - 1) != rank))
+        sends = sum(1 for op in ops if place.sends(op))
         ranks.append({
             "rank": rank, "stages": stages,
             "layers": [[s * layout.layers_per_chunk, (s + 1) * layout.layers_per_chunk - 1] for s in stages],

@@ -272,11 +272,8 @@ class DualPipeV:
 
     def _source(self, op: Op):
         """(channel, peer stage) the op's input comes from, or None when it needs none."""
-        if op.kind == "F" and op.stage > 0:
-            return "act", op.stage - 1
-        if op.kind == "B" and op.stage < self.last_stage:
-            return "grad", op.stage + 1
-        return None
+        peer = self.place.input_stage(op)
+        return None if peer is None else ("act" if op.kind == "F" else "grad", peer)
 
     def _post_receive(self, op: Op) -> None:
         src = self._source(op)

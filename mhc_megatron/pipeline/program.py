@@ -53,6 +53,35 @@ class Placement:
         """Index of ``stage`` among its rank's model chunks."""
         return self.stages_of(self.rank_of(stage)).index(stage)
 
+    # The one home of "what does a pass exchange with another stage": the simulator, the runtime
+    # and validate-config's message counts all ask these.
+    def input_stage(self, op: Op) -> int | None:
+        """The stage whose output ``op`` reads: F reads the previous stage's activations, B the next
+        stage's gradient; None where the input is local (first F: data; last B: its own loss; W)."""
+        if op.kind == "F":
+            return op.stage - 1 if op.stage > 0 else None
+        if op.kind == "B":
+            return op.stage + 1 if op.stage < self.num_stages - 1 else None
+        return None
+
+    def output_stage(self, op: Op) -> int | None:
+        """The stage that reads ``op``'s output (F: the next, B: the previous), or None."""
+        if op.kind == "F":
+            return op.stage + 1 if op.stage < self.num_stages - 1 else None
+        if op.kind == "B":
+            return op.stage - 1 if op.stage > 0 else None
+        return None
+
+    def receives(self, op: Op) -> bool:
+        """``op``'s input comes from another rank."""
+        peer = self.input_stage(op)
+        return peer is not None and self.rank_of(peer) != self.rank_of(op.stage)
+
+    def sends(self, op: Op) -> bool:
+        """``op``'s output goes to another rank."""
+        peer = self.output_stage(op)
+        return peer is not None and self.rank_of(peer) != self.rank_of(op.stage)
+
 
 def placement(schedule: str, num_ranks: int, virtual_stages: int | None = None) -> Placement:
     check_schedule(schedule)

@@ -10,8 +10,10 @@ forward of ``layers / pp`` layers on one micro-batch:
 - a message between stages costs ``comm_ratio x expansion_rate`` (the n-stream tensor is n
   times the residual's: ``comm_ratio`` is the residual model's send time relative to ``F``).
 
-Megatron's 1F1B and interleaved schedules exchange tensors with blocking send/recv pairs: a
-sender waits until its message is delivered. DualPipeV posts its sends asynchronously and
+Megatron's 1F1B and interleaved schedules (without ``--overlap-p2p-communication``) wait on
+their p2p calls before computing again: a send is issued together with the receive of the next
+input (``send_forward_recv_backward`` and the like) and the schedule waits for both, so it is
+modelled as a sender that waits until its message is delivered. DualPipeV posts its sends asynchronously and
 keeps computing; its receives are posted ahead, so a message in flight only costs time when
 its receiver has nothing else to do.
 """
@@ -98,7 +100,6 @@ def simulate(
     unit = 1.0 / place.chunks_per_rank  # F of one chunk
     comm = comm_ratio * expansion_rate
     blocking = BLOCKING_SENDS[schedule]
-    last = place.num_stages - 1
 
     done: dict[tuple[str, int, int], float] = {}  # (kind, stage, mb) -> end time
     free = [0.0] * num_ranks
@@ -109,13 +110,12 @@ def simulate(
 
     def source(op: Op):
         """(producer key, crosses ranks) of the op's input, or None (data loader / same op)."""
+        peer = place.input_stage(op)
+        if peer is not None:
+            return (op.kind, peer, op.microbatch), place.receives(op)
         if op.kind == "F":
-            return (("F", op.stage - 1, op.microbatch), place.rank_of(op.stage - 1) != place.rank_of(op.stage)) if op.stage else None
-        if op.kind == "B":
-            if op.stage == last:
-                return ("F", op.stage, op.microbatch), False
-            return ("B", op.stage + 1, op.microbatch), place.rank_of(op.stage + 1) != place.rank_of(op.stage)
-        return ("B", op.stage, op.microbatch), False
+            return None
+        return ("F" if op.kind == "B" else "B", op.stage, op.microbatch), False  # last B: its F; W: its B
 
     pending = sum(len(p) for p in programs)
     while pending:
@@ -140,10 +140,7 @@ def simulate(
                 else:
                     cost = unit if defer_weights else 0.0
                 end = ready + cost
-                sends = (op.kind == "F" and op.stage < last and place.rank_of(op.stage + 1) != rank) or (
-                    op.kind == "B" and op.stage > 0 and place.rank_of(op.stage - 1) != rank
-                )
-                blocked = comm if (blocking and sends) else 0.0
+                blocked = comm if (blocking and place.sends(op)) else 0.0
                 sim.events.append(Event(rank, op, ready, end, wait + blocked))
                 done[(op.kind, op.stage, op.microbatch)] = end
                 free[rank] = end + blocked
