@@ -6,14 +6,14 @@ import sys
 import torch
 
 from mcore_helpers import init_megatron, make_batch
+from mhc_megatron.mcore.portable import PORTABLE_FLAGS
 
 TINY_GPT_ARGS = (
     "--num-layers 2 --hidden-size 32 --num-attention-heads 4 --seq-length 16 "
     "--max-position-embeddings 16 --micro-batch-size 2 --train-iters 10 --lr 1e-3 "
     "--mock-data --tokenizer-type NullTokenizer --vocab-size 96 --transformer-impl local "
-    "--normalization RMSNorm --use-cpu-initialization --no-persist-layer-norm "
-    "--no-gradient-accumulation-fusion --no-masked-softmax-fusion --no-bias-dropout-fusion"
-).split()
+    "--normalization RMSNorm"
+).split() + list(PORTABLE_FLAGS)
 
 
 def build_from_cli(rank, world_size, port, extra_args):

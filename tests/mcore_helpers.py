@@ -111,23 +111,12 @@ class SPRMSNorm(torch.nn.RMSNorm):
 
 
 def tiny_config(**overrides):
-    from megatron.core.transformer.transformer_config import TransformerConfig
+    from mhc_megatron.mcore.portable import portable_config
 
-    kwargs = dict(
-        num_layers=2,
-        hidden_size=32,
-        num_attention_heads=4,
-        ffn_hidden_size=64,
-        use_cpu_initialization=True,
-        normalization="RMSNorm",
-        hidden_dropout=0.0,
-        attention_dropout=0.0,
-        bias_dropout_fusion=False,
-        masked_softmax_fusion=False,
-        gradient_accumulation_fusion=False,
-    )
+    kwargs = dict(num_layers=2, hidden_size=32, num_attention_heads=4, ffn_hidden_size=64, normalization="RMSNorm",
+                  hidden_dropout=0.0, attention_dropout=0.0)
     kwargs.update(overrides)
-    return TransformerConfig(**kwargs)
+    return portable_config(**kwargs)
 
 
 def local_block_spec(config, settings, *, sp_norm: bool = False, vp_stage=None, pp_rank=None, **spec_kwargs):

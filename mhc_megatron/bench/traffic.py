@@ -111,15 +111,15 @@ class _OpaqueF(torch.autograd.Function):
 
 def _modules(cfg: TrafficConfig, count: int, recompute: bool):
     from megatron.core.transformer.spec_utils import build_module
-    from megatron.core.transformer.transformer_config import TransformerConfig
 
     from ..mcore import MHCSettings
+    from ..mcore.portable import portable_config
     from ..mcore.recompute import BlockRecompute
     from ..mcore.specs import sublayer_input_spec, sublayer_output_spec
 
-    config = TransformerConfig(
-        num_layers=1, hidden_size=cfg.hidden, num_attention_heads=1, use_cpu_initialization=True,
-        hidden_dropout=cfg.dropout, bias_dropout_fusion=cfg.fused_bda,
+    config = portable_config(
+        num_layers=1, hidden_size=cfg.hidden, num_attention_heads=1, hidden_dropout=cfg.dropout,
+        bias_dropout_fusion=cfg.fused_bda,
     )
     settings = MHCSettings(mode="mhc", expansion_rate=cfg.n, backend="triton", sinkhorn_iters=cfg.sinkhorn_iters,
                            recompute=recompute, recompute_block_size=count)

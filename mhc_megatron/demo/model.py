@@ -51,9 +51,9 @@ def build_demo_model(
     """
     from megatron.core.models.gpt import GPTModel
     from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
-    from megatron.core.transformer.transformer_config import TransformerConfig
+    from ..mcore.portable import portable_config
 
-    config = TransformerConfig(
+    config = portable_config(
         num_layers=layers,
         hidden_size=hidden,
         num_attention_heads=heads,
@@ -61,11 +61,6 @@ def build_demo_model(
         normalization="RMSNorm",
         hidden_dropout=0.0,
         attention_dropout=0.0,
-        use_cpu_initialization=True,
-        bias_dropout_fusion=False,
-        masked_softmax_fusion=False,
-        gradient_accumulation_fusion=False,
-        persist_layer_norm=False,
     )
     torch.manual_seed(seed)
     if model == "hybrid":

@@ -112,13 +112,11 @@ def _build_meta_model(cfg: LaunchConfig):
     from megatron.core.process_groups_config import ProcessGroupCollection
 
     from .. import hooks
+    from ..mcore.portable import PORTABLE_FLAGS
     from ..training.launcher import LAUNCH_HOOKS, LaunchState, apply_schedule_defaults
 
     argv = cfg.argv(drop=_NOT_FOR_META_BUILD) + [
-        "--transformer-impl", "local", "--mock-data", "--tokenizer-type", "NullTokenizer",
-        "--use-cpu-initialization", "--no-gradient-accumulation-fusion", "--no-rope-fusion",
-        "--no-persist-layer-norm", "--no-masked-softmax-fusion", "--no-bias-dropout-fusion",
-        "--no-bias-swiglu-fusion",
+        "--transformer-impl", "local", "--mock-data", "--tokenizer-type", "NullTokenizer", *PORTABLE_FLAGS,
     ]
     sys.argv = ["mhc-megatron validate-config", *apply_schedule_defaults(argv)]
     with hooks.active(*LAUNCH_HOOKS, context=LaunchState()):
