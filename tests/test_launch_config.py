@@ -109,3 +109,30 @@ def test_validate_config_exits_2_on_a_bad_layout(tmp_path):
 
 def test_sbatch_script_is_valid_bash():
     assert subprocess.run(["bash", "-n", os.path.join(ROOT, "examples", "moe_27b", "sbatch.sh")]).returncode == 0
+
+
+# the user's mistakes in a config, each refused naming the key, the value and the fix
+@pytest.mark.parametrize("key,value,says", [
+    ("model__moe_token_dispatcher_type", "alltoal", r"model\.moe_token_dispatcher_type: 'alltoal' is not a choice of "
+     r"--moe-token-dispatcher-type \(.*alltoall.*\): use one of them \(did you mean 'alltoall'\?\)"),
+    ("model__transformer_impl", "transformer-engine", r"model\.transformer_impl: 'transformer-engine' is not a choice of "
+     r"--transformer-impl .*\(did you mean 'transformer_engine'\?\)"),
+    ("model__tokenizer_type", "HuggingFaceTokenizr", r"model\.tokenizer_type: 'HuggingFaceTokenizr' is not a choice of "
+     r"--tokenizer-type .*\(did you mean 'HuggingFaceTokenizer'\?\)"),
+])
+def test_misspelt_values_are_named(tmp_path, key, value, says):
+    with pytest.raises(ValueError, match=says):
+        check_layout(load_launch_config(_variant(tmp_path, **{key: value})))
+
+
+@pytest.mark.parametrize("key", ["num_layers", "seq_length"])
+def test_missing_model_keys_are_named(tmp_path, key):
+    with pytest.raises(ValueError, match=rf"model\.{key} is missing: Megatron has no default for it; add '{key}: N' under model"):
+        check_layout(load_launch_config(_variant(tmp_path, **{f"model__{key}": None})))
+
+
+def test_malformed_yaml_names_line_and_column(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("model:\n  num_layers: 2\n hidden_size: 64\n")  # line 3 dedented by one
+    with pytest.raises(ValueError, match=r"bad\.yaml: not valid YAML at line 3, column 2: .*; fix the file"):
+        load_launch_config(str(bad))
