@@ -14,10 +14,12 @@ def add_parser(sub) -> None:
         description=(
             "Parse a YAML launch configuration (examples/*/config.yaml), check that its parallel layout fits "
             "the model and the cluster, build the model with Megatron on the meta device (no GPU, no "
-            "memory) and print the parameter count and per-pipeline-rank estimates: weights and optimizer "
+            "memory) and print the parameter count (with the mHC share), the vocabulary Megatron pads to, and "
+            "per-pipeline-rank estimates: weights and optimizer "
             "state, activations of the micro-batches in flight (from the schedule simulator), mHC "
-            "activations, pipeline traffic per step, and a planning step time. Exits 2 with a message "
-            "naming the mismatch when the layout is inconsistent."
+            "activations, pipeline traffic per step, and a planning step time. Warns (on stderr) about what it "
+            "accepts but should be known, such as an expansion_rate above 8 (no Triton kernel). Exits 2 with a "
+            "message naming the mismatch when the layout is inconsistent."
         ),
     )
     p.add_argument("path", help="the YAML launch configuration")
