@@ -239,8 +239,9 @@ def table() -> str:
               "| API | refused when | example | error |", "|---|---|---|---|"]
     for r in API:
         lines.append(f"| `{r.api}` | {_cell(r.condition)} | `{_cell(r.call)}` | {r.error}: `{_cell(r.message)}` |")
-    lines += ["", "The checkout route (`--megatron-lm PATH`) and the patched `pretrain_gpt.py` (exit code 2) refuse these; "
-              "each needs a Megatron-LM tree, so a unit test on a fixture tree triggers it:", "",
+    lines += ["", "The checkout route (`--megatron-lm PATH`) and the patched `pretrain_gpt.py` refuse these (exit code 2 "
+              "from the command line, ValueError in-process); each needs a Megatron-LM tree, so a test on a fixture "
+              "tree triggers it:", "",
               "| flag | refused when | message contains | raised in | triggered by |", "|---|---|---|---|---|"]
     for r in ROUTE:
         lines.append(f"| `{r.flag}` | {_cell(r.condition)} | `{_cell(r.message)}` | `{r.raised_in}` | `{r.test}` |")
