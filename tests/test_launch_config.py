@@ -1,6 +1,7 @@
 """YAML launch configurations: layout checks, flags, and validate-config on the examples."""
 
 import json
+import re
 import os
 import subprocess
 import sys
@@ -109,3 +110,68 @@ def test_validate_config_exits_2_on_a_bad_layout(tmp_path):
 
 def test_sbatch_script_is_valid_bash():
     assert subprocess.run(["bash", "-n", os.path.join(ROOT, "examples", "moe_27b", "sbatch.sh")]).returncode == 0
+
+
+# the user's mistakes in a config, each refused naming the key, the value and the fix
+@pytest.mark.parametrize("key,value,says", [
+    ("model__moe_token_dispatcher_type", "alltoal", r"model\.moe_token_dispatcher_type: 'alltoal' is not a choice of "
+     r"--moe-token-dispatcher-type \(.*alltoall.*\): use one of them \(did you mean 'alltoall'\?\)"),
+    ("model__transformer_impl", "transformer-engine", r"model\.transformer_impl: 'transformer-engine' is not a choice of "
+     r"--transformer-impl .*\(did you mean 'transformer_engine'\?\)"),
+    ("model__tokenizer_type", "HuggingFaceTokenizr", r"model\.tokenizer_type: 'HuggingFaceTokenizr' is not a choice of "
+     r"--tokenizer-type .*\(did you mean 'HuggingFaceTokenizer'\?\)"),
+])
+def test_misspelt_values_are_named(tmp_path, key, value, says):
+    with pytest.raises(ValueError, match=says):
+        check_layout(load_launch_config(_variant(tmp_path, **{key: value})))
+
+
+@pytest.mark.parametrize("key", ["num_layers", "seq_length"])
+def test_missing_model_keys_are_named(tmp_path, key):
+    with pytest.raises(ValueError, match=rf"model\.{key} is missing: Megatron has no default for it; add '{key}: N' under model"):
+        check_layout(load_launch_config(_variant(tmp_path, **{f"model__{key}": None})))
+
+
+def test_malformed_yaml_names_line_and_column(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("model:\n  num_layers: 2\n hidden_size: 64\n")  # line 3 dedented by one
+    with pytest.raises(ValueError, match=r"bad\.yaml: not valid YAML at line 3, column 2: .*; fix the file"):
+        load_launch_config(str(bad))
+
+
+@pytest.mark.parametrize("vocab,divisible,tp,padded", [(129280, 128, 1, 129280), (50257, 128, 2, 50432),
+                                                       (50257, None, 1, 50304), (1000, 64, 4, 1024)])
+def test_validate_config_reports_megatrons_padded_vocabulary(tmp_path, vocab, divisible, tp, padded):
+    from mhc_megatron.launch.vocabulary import vocabulary
+
+    cfg = load_launch_config(_variant(tmp_path, model__vocab_size=vocab, model__make_vocab_size_divisible_by=divisible))
+    report = vocabulary(cfg, tp)
+    assert report["padded_vocab_size"] == padded  # ceil(vocab / (divisible x TP)) x divisible x TP, 128 by default
+    assert report["meta_build_padded_vocab_size"] == -(-vocab // (divisible or 128)) * (divisible or 128)
+
+
+def test_validate_config_says_a_huggingface_tokenizer_decides_the_vocabulary(tmp_path):
+    from mhc_megatron.launch.vocabulary import vocabulary
+
+    hf = vocabulary(load_launch_config(_variant(tmp_path, model__tokenizer_type="HuggingFaceTokenizer")), 1)["note"]
+    assert hf.startswith("tokenizer_type HuggingFaceTokenizer: Megatron uses the tokenizer's own vocabulary size")
+    assert "with --tokenizer-type HuggingFaceTokenizer" in vocabulary(load_launch_config(EXAMPLES["moe_27b"]), 1)["note"]
+    assert vocabulary(load_launch_config(_variant(tmp_path, model__tokenizer_type="NullTokenizer")), 1)["note"] == ""
+
+
+def test_validate_config_warns_for_an_expansion_rate_without_kernels():
+    from mhc_megatron.launch.estimate import ParameterCounts, _warnings
+
+    counts = ParameterCounts(total=1000, active=1000, expert=0, mhc=250, per_layer={}, embedding=0, output=0)
+    (warning,) = _warnings("mhc", 64, counts)
+    assert warning.startswith("expansion_rate 64: no Triton kernel") and "n^2" in warning and "25.00%" in warning
+    assert _warnings("mhc", 8, counts) == [] and _warnings("residual", 64, counts) == []
+
+
+@pytest.mark.slow
+def test_validate_config_prints_the_warning_and_the_mhc_share(tmp_path):
+    out = _cli("validate-config", _variant(tmp_path, "small_dense", mhc__expansion_rate=16))
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "mhc-megatron validate-config: WARNING: expansion_rate 16: no Triton kernel" in out.stderr
+    assert re.search(r"M in mHC coefficients \(\d+\.\d{3}% of the total\)", out.stdout), out.stdout
+    assert "vocabulary: 50304 padded to 50304 (a multiple of make_vocab_size_divisible_by 128 x TP 1)" in out.stdout

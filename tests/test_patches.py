@@ -110,13 +110,25 @@ def test_patched_script_builds_mhc_layers(patched):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("flag,value", [("--pipeline-schedule", "dualpipev"), ("--mhc-log-interval", "10")])
+@pytest.mark.parametrize("flag,value", [("--pipeline-schedule", "dualpipev"), ("--mhc-log-interval", "10"),
+                                        ("--mhc-lr-step-decay", "0.8:0.316,0.9:0.1"), ("--mhc-profile-ranges", None)])
 def test_patched_script_refuses_launcher_only_flags(patched, flag, value):
-    out = _run([sys.executable, "pretrain_gpt.py", *TINY_GPT_ARGS, "--residual-mode", "mhc", flag, value], patched)
+    given = [flag] if value is None else [flag, value]  # None: a store_true flag
+    out = _run([sys.executable, "pretrain_gpt.py", *TINY_GPT_ARGS, "--residual-mode", "mhc", *given], patched)
     assert out.returncode == 2, out.stdout[-2000:] + out.stderr[-2000:]
-    assert f"pretrain_gpt.py: error: {flag} {value}: not supported by the patched pretrain_gpt.py" in out.stderr, out.stderr
+    assert f"pretrain_gpt.py: error: {' '.join(given)}: not supported by the patched pretrain_gpt.py" in out.stderr, out.stderr
     assert "launch with mhc-pretrain-gpt instead" in out.stderr
     assert ARGUMENTS_PRINTED not in out.stdout
+
+
+def test_every_launcher_only_flag_is_refused_here():
+    """A flag added to LAUNCHER_ONLY gets a case in the test above."""
+    import inspect
+
+    from mhc_megatron.training.patch_entry import LAUNCHER_ONLY
+
+    cases = inspect.getsource(test_patched_script_refuses_launcher_only_flags)
+    assert all(f'("{flag}"' in cases for flag in LAUNCHER_ONLY)
 
 
 @pytest.mark.slow

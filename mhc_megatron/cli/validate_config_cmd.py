@@ -4,6 +4,7 @@ configuration on a laptop, and turn it into ``mhc-pretrain-gpt`` flags."""
 from __future__ import annotations
 
 import json
+import sys
 
 
 def add_parser(sub) -> None:
@@ -13,10 +14,12 @@ def add_parser(sub) -> None:
         description=(
             "Parse a YAML launch configuration (examples/*/config.yaml), check that its parallel layout fits "
             "the model and the cluster, build the model with Megatron on the meta device (no GPU, no "
-            "memory) and print the parameter count and per-pipeline-rank estimates: weights and optimizer "
+            "memory) and print the parameter count (with the mHC share), the vocabulary Megatron pads to, and "
+            "per-pipeline-rank estimates: weights and optimizer "
             "state, activations of the micro-batches in flight (from the schedule simulator), mHC "
-            "activations, pipeline traffic per step, and a planning step time. Exits 2 with a message "
-            "naming the mismatch when the layout is inconsistent."
+            "activations, pipeline traffic per step, and a planning step time. Warns (on stderr) about what it "
+            "accepts but should be known, such as an expansion_rate above 8 (no Triton kernel). Exits 2 with a "
+            "message naming the mismatch when the layout is inconsistent."
         ),
     )
     p.add_argument("path", help="the YAML launch configuration")
@@ -65,6 +68,8 @@ def run(args) -> int:
     with warnings.catch_warnings():  # megatron-core's import-time notes about absent TE/apex
         warnings.simplefilter("ignore")
         report = estimate(load_launch_config(args.path), mfu=args.mfu, peak_tflops=args.peak_tflops)
+    for warning in report["warnings"]:
+        print(f"mhc-megatron validate-config: WARNING: {warning}", file=sys.stderr)
     if args.json:
         print(json.dumps(report))
         return 0
@@ -75,7 +80,16 @@ def run(args) -> int:
           f"of {lay['layers_per_stage']} layers; {lay['microbatches']} micro-batches per step")
     print(f"residual mode {report['residual_mode']}, n = {report['expansion_rate']}")
     print(f"parameters: {report['total_parameters'] / 1e9:.2f}B total, {report['active_parameters'] / 1e9:.2f}B "
-          f"active per token, {report['mhc_parameters'] / 1e6:.1f}M in mHC coefficients\n")
+          f"active per token, {report['mhc_parameters'] / 1e6:.1f}M in mHC coefficients "
+          f"({report['mhc_parameter_share']:.3%} of the total)")
+    voc = report["vocabulary"]
+    print(f"vocabulary: {voc['vocab_size']} padded to {voc['padded_vocab_size']} (a multiple of "
+          f"make_vocab_size_divisible_by {voc['make_vocab_size_divisible_by']} x TP {voc['tensor_model_parallel_size']})"
+          + (f"; the meta build pads to {voc['meta_build_padded_vocab_size']} (TP 1), so the counts above use that"
+             if voc["meta_build_padded_vocab_size"] != voc["padded_vocab_size"] else ""))
+    if voc["note"]:
+        print(voc["note"])
+    print()
     print(f"{'rank':>4} {'stages':>8} {'layers':>12} {'params/GPU':>11} {'weights+opt':>12} {'in flight':>10} "
           f"{'activations':>12} {'mHC act.':>9} {'total GiB':>10} {'PP traffic/step':>16}")
     for r in report["per_rank"]:

@@ -200,6 +200,19 @@ def _layer_activation_bytes(cfg: LaunchConfig, layout: Layout, moe: bool, tokens
     return tokens * h * (18 + 4 * f / h) / split
 
 
+def _warnings(mode: str, n: int, counts: ParameterCounts) -> list[str]:
+    """What validate-config accepts but a user should know before launching."""
+    from ..mcore.settings import KERNEL_STREAMS
+
+    out = []
+    if mode != "residual" and n > max(KERNEL_STREAMS):
+        out.append(f"expansion_rate {n}: no Triton kernel (they are compiled for n in {tuple(KERNEL_STREAMS)}), so "
+                   f"every mHC step runs in the PyTorch reference ops; the coefficients grow with n^2 (H_res is "
+                   f"{n}x{n} per token): mHC holds {counts.mhc / counts.total:.2%} of the parameters here. "
+                   f"Use expansion_rate 4 (the paper's) or 8 unless n = {n} is the experiment")
+    return out
+
+
 def estimate(cfg: LaunchConfig, *, mfu: float = 0.35, peak_tflops: float = 989.0) -> dict:
     """The report ``validate-config`` prints (see the module docstring for the formulas)."""
     from ..pipeline.program import placement, program
@@ -270,6 +283,8 @@ def estimate(cfg: LaunchConfig, *, mfu: float = 0.35, peak_tflops: float = 989.0
     step_tokens = seq * cfg.get("global_batch_size", micro * layout.dp)
     flops = 6 * counts.active * step_tokens + 12 * cfg.get("num_layers") * h * seq * step_tokens  # + attention
     compute_s = flops / (layout.world_size * peak_tflops * 1e12 * mfu)
+    from .vocabulary import vocabulary
+
     return {
         "config": cfg.path,
         "world_size": layout.world_size,
@@ -281,6 +296,9 @@ def estimate(cfg: LaunchConfig, *, mfu: float = 0.35, peak_tflops: float = 989.0
         "total_parameters": counts.total,
         "active_parameters": counts.active,
         "mhc_parameters": counts.mhc,
+        "mhc_parameter_share": counts.mhc / counts.total,
+        "vocabulary": vocabulary(cfg, layout.tp),
+        "warnings": _warnings(mode, n, counts),
         "per_rank": ranks,
         "max_memory_gib": max(r["memory_gib"] for r in ranks),
         "pipeline_message_mib": round(message / 2**20, 2),

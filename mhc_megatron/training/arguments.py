@@ -10,14 +10,17 @@ from ..ops._backend import BACKENDS
 from .lr_schedule import parse_step_decay
 
 
-def add_mhc_arguments(parser: argparse.ArgumentParser, *, launcher_only_action=None) -> argparse.ArgumentParser:
+def add_mhc_arguments(parser: argparse.ArgumentParser, *, launcher_only_action=None,
+                      launcher_only_switch_action=None) -> argparse.ArgumentParser:
     """Add the mHC flags to a Megatron-LM argument parser (an ``extra_args_provider``).
 
     ``launcher_only_action``: the argparse action of the flags that need the launcher's hooks (the
-    patched-script route passes one that refuses their non-default values).
+    patched-script route passes one that refuses their non-default values);
+    ``launcher_only_switch_action``: the same for the launcher-only ``store_true`` flags.
     """
     d = MHCSettings()
     launcher_only = {"action": launcher_only_action} if launcher_only_action else {}
+    launcher_only_switch = {"action": launcher_only_switch_action or "store_true"}
     g = parser.add_argument_group("mHC (mhc-megatron)")
     g.add_argument(
         "--residual-mode",
@@ -136,12 +139,13 @@ def add_mhc_arguments(parser: argparse.ArgumentParser, *, launcher_only_action=N
     )
     g.add_argument(
         "--mhc-profile-ranges",
-        action="store_true",
+        **launcher_only_switch,
         help="Mark the mHC steps (mhc.expand, mhc.pre, mhc.post_res, mhc.contract) as NVTX ranges, so nsys "
         "shows them; recorded through Megatron's NVTX ranges, so needs --profile --nvtx-ranges.",
     )
     g.add_argument(
         "--mhc-lr-step-decay",
+        **launcher_only,
         type=parse_step_decay,
         default=None,
         metavar="FRACTION:FACTOR,...",

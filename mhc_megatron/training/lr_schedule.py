@@ -34,12 +34,17 @@ def parse_step_decay(text: str) -> tuple[tuple[float, float], ...]:
     return tuple(steps)
 
 
+def format_step_decay(steps) -> str:
+    """((0.8, 0.316), (0.9, 0.1)) -> ``"0.8:0.316,0.9:0.1"`` (the flag's value as given)."""
+    return ",".join(f"{at:g}:{factor:g}" for at, factor in steps)
+
+
 def check_step_decay_args(args) -> None:
     """The command line's refusals for the step schedule (ValueError)."""
     steps = getattr(args, "mhc_lr_step_decay", None)
     if steps and args.lr_decay_style != "constant":
         raise ValueError(
-            f"{FLAG} replaces the decay of --lr-decay-style, got --lr-decay-style {args.lr_decay_style} "
+            f"{FLAG} {format_step_decay(steps)} replaces the decay of --lr-decay-style, got --lr-decay-style {args.lr_decay_style} "
             "(Megatron's default is linear): add --lr-decay-style constant")
 
 

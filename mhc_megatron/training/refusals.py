@@ -7,7 +7,11 @@ the functional test that runs each launch row through the real entry point
 (tests/test_refusals.py). The tests assert the row's message fragment and, for launch rows, that
 the message names the row's flag first and that the refusal is raised in ``raised_in``.
 
-Adding a refusal is one ``Launch(...)`` or ``Api(...)`` entry below.
+Refusals of the checkout and patch routes need a Megatron-LM tree, so they are ``Route`` rows:
+tests/test_refusals.py checks that each message fragment occurs in the source of its ``raised_in``
+function and that the test named to trigger it exists.
+
+Adding a refusal is one ``Launch(...)``, ``Api(...)`` or ``Route(...)`` entry below.
 """
 
 from __future__ import annotations
@@ -36,6 +40,7 @@ class Launch:
     message: str
     raised_in: str
     world_size: int = 1
+    unless_installed: str = ""  # a module whose presence lifts the refusal (the functional test skips then)
 
 
 @dataclass(frozen=True)
@@ -50,6 +55,19 @@ class Api:
     error: str = "ValueError"
 
 
+@dataclass(frozen=True)
+class Route:
+    """A refusal of the checkout route (``--megatron-lm``) or of the patched ``pretrain_gpt.py``:
+    ``message`` is a literal fragment of the source of ``raised_in``; ``test`` (path::name) triggers it
+    on a fixture tree."""
+
+    flag: str
+    condition: str
+    message: str
+    raised_in: str
+    test: str
+
+
 _ARGS = "mhc_megatron.training.arguments.mhc_settings_from_args"
 _SETTINGS = "mhc_megatron.mcore.settings.MHCSettings.__post_init__"
 _NUMERICS = "mhc_megatron.mcore.settings.MHCSettings._check_upstream_numerics"
@@ -58,6 +76,8 @@ _HYBRID = "mhc_megatron.mcore.hybrid.check_hybrid_pattern"
 _DPV = "mhc_megatron.training.checks.check_dualpipev_args"
 _DPV_CONFIG = "mhc_megatron.pipeline.dualpipev.check_dualpipev_config"
 _SCHEDULE = "mhc_megatron.training.launcher.apply_schedule_defaults"
+_PROFILE = "mhc_megatron.training.profile_ranges.check_profile_ranges_args"
+_CHECKOUT = "mhc_megatron.training.checkout.use_checkout"
 
 LAUNCH = (
     Launch("--expansion-rate", "given with --residual-mode residual (one stream)", ("--expansion-rate", "4"),
@@ -145,6 +165,18 @@ LAUNCH = (
     Launch("--tensor-model-parallel-size", "(with dualpipev) TP x PP x CP does not divide the world size",
            _DUALPIPEV, "--tensor-model-parallel-size x --pipeline-model-parallel-size x --context-parallel-size = 2 "
            "does not divide the world size 3", "mhc_megatron.training.checks.data_parallel_size", 3),
+    Launch("--transformer-impl", "transformer_engine (also Megatron's default) while transformer-engine is not installed",
+           ("--transformer-impl", "transformer_engine"),
+           "--transformer-impl transformer_engine: transformer-engine is not installed",
+           "mhc_megatron.training.launch_environment.check_launch_environment", unless_installed="transformer_engine"),
+    Launch("--mhc-lr-step-decay", "with --lr-decay-style other than constant (the step schedule replaces the decay)",
+           ("--mhc-lr-step-decay", "0.8:0.316,0.9:0.1", "--lr-decay-style", "linear"),
+           "--mhc-lr-step-decay 0.8:0.316,0.9:0.1 replaces the decay of --lr-decay-style, got --lr-decay-style linear",
+           "mhc_megatron.training.lr_schedule.check_step_decay_args"),
+    Launch("--mhc-profile-ranges", "with --residual-mode residual (no mHC steps to mark)", ("--mhc-profile-ranges",),
+           "--mhc-profile-ranges marks the mHC steps, which need --residual-mode hc or mhc", _PROFILE),
+    Launch("--mhc-profile-ranges", "without --profile --nvtx-ranges (Megatron's NVTX ranges record nothing then)",
+           (*_MHC, "--mhc-profile-ranges", "--profile"), "add --nvtx-ranges", _PROFILE),
     Launch("--sft", "with the built-in entry (mock or indexed GPT data only)", (*_MHC, "--sft"),
            "--sft needs Megatron-LM's own pretrain_gpt.py", "mhc_megatron.training.gpt_entry.check_supported"),
 )
@@ -171,6 +203,22 @@ API = (
         "mhc_post_res: x has dtype torch.int64; the mHC ops take floating-point tensors"),
 )
 
+ROUTE = (
+    Route("--megatron-lm", "PATH has no megatron/core package",
+          "no megatron/core package there (not a Megatron-LM checkout)", _CHECKOUT,
+          "tests/test_checkout_mode.py::test_checkout_without_megatron_is_named"),
+    Route("--megatron-lm", "this process imported another megatron already (an in-process caller)",
+          "run mhc-pretrain-gpt in a fresh process so that only the checkout's megatron is used", _CHECKOUT,
+          "tests/test_checkout_mode.py::test_megatron_imported_already_is_refused"),
+    Route("--megatron-lm", "the checkout's pretrain_gpt.py carries the mHC patch (the flags would be added twice)",
+          "already adds the mHC flags", "mhc_megatron.training.patch_entry.refuse_a_second_mhc_parser",
+          "tests/test_patches.py::test_launcher_names_a_patched_checkout"),
+    Route("--pipeline-schedule, --mhc-log-interval, --mhc-lr-step-decay, --mhc-profile-ranges",
+          "given to the patched pretrain_gpt.py (only mhc-pretrain-gpt's hooks implement them)",
+          "not supported by the patched pretrain_gpt.py", "mhc_megatron.training.patch_entry._refuse",
+          "tests/test_patches.py::test_patched_script_refuses_launcher_only_flags"),
+)
+
 BEGIN, END = "<!-- refusals table: generated by python -m mhc_megatron.training.refusals -->", "<!-- end of refusals table -->"
 
 
@@ -191,6 +239,12 @@ def table() -> str:
               "| API | refused when | example | error |", "|---|---|---|---|"]
     for r in API:
         lines.append(f"| `{r.api}` | {_cell(r.condition)} | `{_cell(r.call)}` | {r.error}: `{_cell(r.message)}` |")
+    lines += ["", "The checkout route (`--megatron-lm PATH`) and the patched `pretrain_gpt.py` refuse these (exit code 2 "
+              "from the command line, ValueError in-process); each needs a Megatron-LM tree, so a test on a fixture "
+              "tree triggers it:", "",
+              "| flag | refused when | message contains | raised in | triggered by |", "|---|---|---|---|---|"]
+    for r in ROUTE:
+        lines.append(f"| `{r.flag}` | {_cell(r.condition)} | `{_cell(r.message)}` | `{r.raised_in}` | `{r.test}` |")
     return "\n".join(lines) + "\n"
 
 
