@@ -134,9 +134,10 @@ def test_launch_with_profile_ranges_switches_the_nvtx_ranges_on_and_back_off(mon
 
     from mhc_megatron.mcore import profiling
     from mhc_megatron.training import launcher
+    from mhc_megatron.training.profile_ranges import apply_profile_ranges
 
     seen = []
-    monkeypatch.setattr(launcher, "_launch", lambda *a: (launcher.apply_profile_ranges(
+    monkeypatch.setattr(launcher, "_launch", lambda *a: (apply_profile_ranges(
         argparse.Namespace(mhc_profile_ranges=True)), seen.append(profiling._NVTX)))
     assert launcher.main(["--residual-mode", "mhc"]) == 0
     assert seen == [True] and profiling._NVTX is False

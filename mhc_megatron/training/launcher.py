@@ -23,6 +23,7 @@ removed when it returns; listed in docs/megatron.md):
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import re
 import runpy
@@ -34,6 +35,25 @@ from dataclasses import dataclass
 from .. import hooks
 
 PROG = "mhc-pretrain-gpt"
+
+_PROFILING = "mhc_megatron.mcore.profiling"
+
+
+@contextlib.contextmanager
+def _nvtx_switch_scoped():
+    """--mhc-profile-ranges switches the mHC NVTX ranges on for one launch (``apply_profile_ranges``):
+    off at the start, put back at the end. Looked up, not imported: ``mhc_megatron.mcore`` imports
+    megatron.core, which checkout mode must load from the checkout, and only when the launch does."""
+    loaded = sys.modules.get(_PROFILING)
+    previous = loaded._NVTX if loaded is not None else False
+    if loaded is not None:
+        loaded.set_nvtx_regions(False)
+    try:
+        yield
+    finally:
+        now = sys.modules.get(_PROFILING)
+        if now is not None:
+            now.set_nvtx_regions(previous)
 
 
 @dataclass
@@ -213,9 +233,7 @@ def main(argv: list[str] | None = None) -> int:
         if launcher.megatron_lm:
             script = _checkout_script(launcher.megatron_lm, megatron_argv)
             _use_checkout(launcher.megatron_lm)  # before anything imports megatron
-        from ..mcore.profiling import nvtx_regions
-
-        with hooks.active(*LAUNCH_HOOKS, context=state), nvtx_regions(False):  # --mhc-profile-ranges: on inside
+        with hooks.active(*LAUNCH_HOOKS, context=state), _nvtx_switch_scoped():
             _launch(script, megatron_argv, wants_help)
     except ValueError as err:
         print(f"{PROG}: error: {err}", file=sys.stderr)
