@@ -223,4 +223,7 @@ def test_post_res_over_several_c_chunks(n, bias):
     (out_t, grads_t), (out_r, grads_r) = run("triton"), run("reference")
     torch.testing.assert_close(out_t, out_r, **tol("output", torch.float32))
     for a, b in zip(grads_t, grads_r):
-        torch.testing.assert_close(a, b, **tol("grad", torch.float32))
+        # the coefficient gradients sum 1100 products in another order than the reference: compare
+        # on the scale of the largest entry, not of each (possibly cancelled) one
+        scale = b.abs().max().clamp_min(1.0)
+        torch.testing.assert_close(a / scale, b / scale, **tol("grad", torch.float32))
