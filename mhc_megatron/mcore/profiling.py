@@ -43,6 +43,10 @@ def nvtx_regions(enabled: bool = True):
         _NVTX = previous
 
 
+def nvtx_regions_enabled() -> bool:
+    return _NVTX
+
+
 def set_nvtx_regions(enabled: bool) -> None:
     """Switch the NVTX ranges on or off until changed again (``mhc-pretrain-gpt`` restores the
     previous state when the launch returns)."""

@@ -45,7 +45,7 @@ def _nvtx_switch_scoped():
     off at the start, put back at the end. Looked up, not imported: ``mhc_megatron.mcore`` imports
     megatron.core, which checkout mode must load from the checkout, and only when the launch does."""
     loaded = sys.modules.get(_PROFILING)
-    previous = loaded._NVTX if loaded is not None else False
+    previous = loaded.nvtx_regions_enabled() if loaded is not None else False
     if loaded is not None:
         loaded.set_nvtx_regions(False)
     try:
