@@ -47,6 +47,9 @@ def _launches() -> list[Launch]:
     L = Launch
     tp2 = ["--tensor-model-parallel-size", "2"]
     pp2 = ["--pipeline-model-parallel-size", "2"]
+    pp4 = ["--pipeline-model-parallel-size", "4"]
+    dualpipev = ["--pipeline-schedule", "dualpipev"]
+    L8 = ["--num-layers", "8", "--micro-batch-size", "1"]
     untied = ["--untie-embeddings-and-output-weights"]
     from_init = lambda name: ["--load", f"{{ckpt:{name}}}", "--finetune"]  # noqa: E731
     save4 = ["--save", "{ckpt:self}", "--save-interval", "4", "--ckpt-format", "torch_dist"]
@@ -68,11 +71,26 @@ def _launches() -> list[Launch]:
         L("mhc_untied_init", [*MHC, *untied, *INIT_STEP, "--save", "{ckpt:self}"], saves=True),
         L("mhc_dualpipev", [*MHC, *untied, *pp2, "--pipeline-schedule", "dualpipev", *from_init("mhc_untied_init")],
           nproc=2, needs=("mhc_untied_init",)),
+        # DualPipeV at PP=4 and with mHC recompute against 1F1B and one process (8 layers: 2P stages;
+        # micro-batch 1: at least 2P micro-batches per step)
+        L("mhc8_init", [*MHC, *untied, *L8, *INIT_STEP, "--save", "{ckpt:self}"], saves=True),
+        L("mhc8", [*MHC, *untied, *L8, *from_init("mhc8_init")], needs=("mhc8_init",)),
+        L("mhc8_1f1b_pp4", [*MHC, *untied, *L8, *pp4, *from_init("mhc8_init")], nproc=4, needs=("mhc8_init",)),
+        L("mhc8_dualpipev_pp4", [*MHC, *untied, *L8, *pp4, *dualpipev, *from_init("mhc8_init")],
+          nproc=4, needs=("mhc8_init",)),
+        L("mhc8_dualpipev_pp2_recompute", [*MHC, *untied, *L8, *pp2, *dualpipev, "--mhc-recompute",
+                                           *from_init("mhc8_init")], nproc=2, needs=("mhc8_init",)),
         # 4. MoE + MLA across expert-parallel sizes
         L("moe_init", [*MHC, *MOE_MLA, *INIT_STEP, "--save", "{ckpt:self}"], saves=True),
         L("moe_ep1", [*MHC, *MOE_MLA, *from_init("moe_init")], needs=("moe_init",)),
         L("moe_ep2", [*MHC, *MOE_MLA, "--expert-model-parallel-size", "2", *from_init("moe_init")],
           nproc=2, needs=("moe_init",)),
+        # ... and through DualPipeV (PP=2 x EP=2: four ranks)
+        L("moe_untied_init", [*MHC, *MOE_MLA, *untied, *INIT_STEP, "--save", "{ckpt:self}"], saves=True),
+        L("moe_untied", [*MHC, *MOE_MLA, *untied, *from_init("moe_untied_init")], needs=("moe_untied_init",)),
+        L("moe_dualpipev_pp2_ep2", [*MHC, *MOE_MLA, *untied, *pp2, *dualpipev, "--expert-model-parallel-size", "2",
+                                    "--micro-batch-size", "1", *from_init("moe_untied_init")],
+          nproc=4, needs=("moe_untied_init",)),
         # 4. megatron-core's expert-parallel overlap (combined 1F1B; it needs bf16 and the alltoall dispatcher)
         L("moe_ep2_bf16", [*MHC, *EP_OVERLAP_BASE], nproc=2),
         L("moe_ep2_bf16_overlap", [*MHC, *EP_OVERLAP_BASE, "--overlap-moe-expert-parallel-comm"], nproc=2),

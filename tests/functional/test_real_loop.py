@@ -113,11 +113,25 @@ def test_dualpipev_matches_the_single_process_curve(matrix):
     assert_trains(curve(matrix, "mhc_dualpipev"))
 
 
+@uses("mhc8", "mhc8_1f1b_pp4", "mhc8_dualpipev_pp4", "mhc8_dualpipev_pp2_recompute")
+@pytest.mark.parametrize("layout", ["mhc8_1f1b_pp4", "mhc8_dualpipev_pp4", "mhc8_dualpipev_pp2_recompute"])
+def test_dualpipev_at_pp4_and_with_recompute_matches_1f1b_and_one_process(matrix, layout):
+    assert_curves_match(matrix, layout, "mhc8", LAYOUT)
+    if "dualpipev" in layout:
+        assert_curves_match(matrix, layout, "mhc8_1f1b_pp4", LAYOUT)
+
+
 # 4 --------------------------------------------------------------------------------------------
 @uses("moe_ep1", "moe_ep2")
 def test_moe_with_mla_matches_across_expert_parallel_sizes(matrix):
     assert_curves_match(matrix, "moe_ep2", "moe_ep1", LAYOUT)
     assert_trains(curve(matrix, "moe_ep1"))
+
+
+@uses("moe_untied", "moe_dualpipev_pp2_ep2")
+def test_moe_with_mla_through_dualpipev_and_expert_parallel_matches_one_process(matrix):
+    assert_curves_match(matrix, "moe_dualpipev_pp2_ep2", "moe_untied", LAYOUT)
+    assert_trains(curve(matrix, "moe_dualpipev_pp2_ep2"))
 
 
 @uses("moe_ep2_bf16", "moe_ep2_bf16_overlap")
