@@ -9,7 +9,7 @@ from mhc_megatron.pipeline.program import placement, program
 from nccl_replay import Deadlock, replay
 
 
-def _plans(pp: int, microbatches: int, forward_only: bool = False) -> dict:
+def _plans(pp: int, microbatches: int, forward_only: bool = False, overlap_pairs: bool = False) -> dict:
     place = placement("dualpipev", pp)
     plans = {}
     for rank in range(pp):
@@ -17,7 +17,7 @@ def _plans(pp: int, microbatches: int, forward_only: bool = False) -> dict:
             ops = [dualpipev.Op("F", s, m) for s in place.stages_of(rank) for m in range(microbatches)]
         else:
             ops = program("dualpipev", rank, pp, microbatches)
-        plans[rank] = dualpipev.rank_events(place, rank, ops, forward_only)
+        plans[rank] = dualpipev.rank_events(place, rank, ops, forward_only, overlap_pairs)
     return plans
 
 
@@ -30,14 +30,26 @@ def _messages(pp: int, microbatches: int) -> int:
 
 @pytest.mark.parametrize("pp", [2, 4, 8])
 @pytest.mark.parametrize("extra", [0, 1, 3, 10])
-def test_training_step_replays_without_deadlock(pp, extra):
+@pytest.mark.parametrize("overlap_pairs", [False, True], ids=["ops", "overlapped-pairs"])
+def test_training_step_replays_without_deadlock(pp, extra, overlap_pairs):
     microbatches = 2 * pp + extra
-    assert replay(_plans(pp, microbatches)) == _messages(pp, microbatches)
+    assert replay(_plans(pp, microbatches, overlap_pairs=overlap_pairs)) == _messages(pp, microbatches)
 
 
 @pytest.mark.parametrize("pp,microbatches", [(2, 1), (4, 3), (8, 5)])
 def test_evaluation_step_replays_without_deadlock(pp, microbatches):
     assert replay(_plans(pp, microbatches, forward_only=True)) == _messages(pp, microbatches) // 2
+
+
+@pytest.mark.parametrize("pp", [2, 4, 8])
+def test_overlapped_pairs_are_the_programs_paired_f_and_b(pp):
+    for rank in range(pp):
+        ops = program("dualpipev", rank, pp, 2 * pp + 2)
+        units = dualpipev.pair_units(ops)
+        assert [op for unit in units for op in unit] == ops
+        pairs = [u for u in units if len(u) == 2]
+        assert pairs and all(f.kind == "F" and b.kind == "B" and f.paired and b.paired for f, b in pairs)
+        assert sum(2 for _ in pairs) == sum(op.paired for op in ops)  # every paired op is in a pair
 
 
 @pytest.mark.parametrize("pp", [2, 4, 8])

@@ -43,6 +43,22 @@ _LOOKAHEAD = 2  # ops ahead whose inputs are already being received
 # building the two chunks of a rank
 
 
+@contextlib.contextmanager
+def pipeline_rank_seen_as(rank: int):
+    """megatron-core's own override of the pipeline rank, set while one chunk is built (so every
+    rank-dependent choice: layer offset, per-layer MoE pattern, recompute blocks, is the V's
+    stage's) or while megatron-core's combined step decides whether chunk 1 computes the loss;
+    the previous override comes back afterwards."""
+    from megatron.core import parallel_state
+
+    previous = parallel_state._MPU_PIPELINE_MODEL_PARALLEL_RANK  # no public getter for the override itself
+    parallel_state.set_pipeline_model_parallel_rank(rank)
+    try:
+        yield
+    finally:
+        parallel_state.set_pipeline_model_parallel_rank(previous)
+
+
 class MirroredPipelineGroup:
     """The pipeline group as seen by the way-up chunk: rank r reports rank P-1-r.
 
@@ -164,36 +180,60 @@ def _outgoing(place, rank: int, op: Op) -> Message | None:
     return Message("act" if op.kind == "F" else "grad", peer, op.microbatch, rank, place.rank_of(peer))
 
 
-def rank_events(place, rank: int, ops: list[Op], forward_only: bool = False) -> list[tuple[str, object]]:
+def pair_units(ops: list[Op]) -> list[tuple[Op, ...]]:
+    """``ops`` cut into what runs as one unit: an overlapped F&B pair (a paired F followed by its
+    paired B) or a single op."""
+    units, i = [], 0
+    while i < len(ops):
+        op = ops[i]
+        nxt = ops[i + 1] if i + 1 < len(ops) else None
+        if op.kind == "F" and op.paired and nxt is not None and nxt.kind == "B" and nxt.paired:
+            units.append((op, nxt))
+            i += 2
+        else:
+            units.append((op,))
+            i += 1
+    return units
+
+
+def rank_events(place, rank: int, ops: list[Op], forward_only: bool = False,
+                overlap_pairs: bool = False) -> list[tuple[str, object]]:
     """The communication plan of ``rank`` running ``ops``, in issue order:
 
     - ``("post_recv", m)``: post the receive of message ``m`` (up to ``_LOOKAHEAD`` ops ahead);
-    - ``("wait_recv", m)``: the next op reads ``m``;
-    - ``("wait_send", m)``: the next op (a backward) frees the activation ``m`` carried, so ``m``
-      must have left;
-    - ``("run", op)``, then ``("send", m)`` for its output when that goes to another rank;
+    - ``("wait_recv", m)``: the next unit reads ``m``;
+    - ``("wait_send", m)``: the next unit (with a backward) frees the activation ``m`` carried, so
+      ``m`` must have left;
+    - ``("run", unit)``: a single op, or with ``overlap_pairs`` an F&B pair run interleaved
+      (:func:`pair_units`); then ``("send", m)`` for each output that goes to another rank;
     - ``("wait_sends", None)`` at the end of the step.
     """
     events: list[tuple[str, object]] = []
     posted: set[Message] = set()
     sent_activation: dict[tuple[int, int], Message] = {}  # (stage, mb) -> its forward's send
-    for i, op in enumerate(ops):
-        for ahead in ops[i : i + _LOOKAHEAD + 1]:
+    units = pair_units(ops) if overlap_pairs else [(op,) for op in ops]
+    i = 0
+    for unit in units:
+        for ahead in ops[i : i + len(unit) + _LOOKAHEAD]:
             m = _incoming(place, rank, ahead, forward_only)
             if m is not None and m not in posted:
                 posted.add(m)
                 events.append(("post_recv", m))
-        m = _incoming(place, rank, op, forward_only)
-        if m is not None:
-            events.append(("wait_recv", m))
-        if op.kind == "B" and (op.stage, op.microbatch) in sent_activation:
-            events.append(("wait_send", sent_activation.pop((op.stage, op.microbatch))))
-        events.append(("run", op))
-        m = _outgoing(place, rank, op)
-        if m is not None:
-            events.append(("send", m))
-            if op.kind == "F" and not forward_only:
-                sent_activation[(op.stage, op.microbatch)] = m
+        i += len(unit)
+        for op in unit:
+            m = _incoming(place, rank, op, forward_only)
+            if m is not None:
+                events.append(("wait_recv", m))
+        for op in unit:
+            if op.kind == "B" and (op.stage, op.microbatch) in sent_activation:
+                events.append(("wait_send", sent_activation.pop((op.stage, op.microbatch))))
+        events.append(("run", unit))
+        for op in unit:
+            m = _outgoing(place, rank, op)
+            if m is not None:
+                events.append(("send", m))
+                if op.kind == "F" and not forward_only:
+                    sent_activation[(op.stage, op.microbatch)] = m
     events.append(("wait_sends", None))
     return events
 
@@ -256,6 +296,9 @@ class DualPipeV:
         self.shape = stage_tensor_shape(config, seq_length, micro_batch_size, expansion_rate)
         self.dtype = config.pipeline_dtype or torch.float32
         self.device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+        # F&B pairs run layer by layer interleaved through megatron-core's combined-1F1B step (its
+        # schedule nodes: one pass's all-to-all and sends overlap the other's compute)
+        self.overlap = bool(getattr(config, "overlap_moe_expert_parallel_comm", False))
 
     # -- entry point ------------------------------------------------------------------------
 
@@ -278,8 +321,13 @@ class DualPipeV:
 
         handlers = {"post_recv": self._post_recv, "wait_recv": self._wait_recv, "wait_send": self._wait_send,
                     "run": self._run, "send": self._send, "wait_sends": self._wait_sends}
+        overlap = self.overlap and not forward_only
+        if overlap:
+            from megatron.core.pipeline_parallel.utils import set_streams
+
+            set_streams(high_priority=getattr(self.config, "high_priority_a2a_comm_stream", False))
         with self._no_grad_sync():
-            for event, item in rank_events(self.place, self.rank, ops, forward_only):
+            for event, item in rank_events(self.place, self.rank, ops, forward_only, overlap_pairs=overlap):
                 handlers[event](item)
         state = self.state
         assert not (state.received or state.inbox or state.outbox or state.sends or state.stage_outputs), \
@@ -291,18 +339,26 @@ class DualPipeV:
 
     # -- ops --------------------------------------------------------------------------------
 
-    def _run(self, op: Op) -> None:
-        (self._forward if op.kind == "F" else self._backward)(op)
-        self.state.executed.append(op)
+    def _run(self, unit: tuple[Op, ...]) -> None:
+        if self.overlap and not self.forward_only:
+            self._combined(*unit)
+        else:
+            for op in unit:
+                (self._forward if op.kind == "F" else self._backward)(op)
+        self.state.executed.extend(unit)
         self._retire_delivered_sends()
+
+    def _forward_input(self, op: Op):
+        x = None if op.stage == 0 else self.state.inbox.pop(("act", op.stage, op.microbatch))
+        if x is not None and not self.forward_only:
+            x.requires_grad_(True)
+        return x
 
     def _forward(self, op: Op) -> None:
         from megatron.core.pipeline_parallel.schedules import forward_step
 
         chunk_index = self.place.chunk_of(op.stage)
-        x = None if op.stage == 0 else self.state.inbox.pop(("act", op.stage, op.microbatch))
-        if x is not None and not self.forward_only:
-            x.requires_grad_(True)
+        x = self._forward_input(op)
         output, tokens = forward_step(
             self.forward_step_func, self.iterators[chunk_index], self.chunks[chunk_index],
             self.num_microbatches, x, self.state.forward_data, self.config,
@@ -310,6 +366,9 @@ class DualPipeV:
             is_first_microbatch=op.microbatch == 0, current_microbatch=op.microbatch,
             vp_stage=chunk_index, is_last_stage=op.stage == self.last_stage,
         )
+        self._forward_done(op, x, output, tokens)
+
+    def _forward_done(self, op: Op, x, output, tokens) -> None:
         if op.stage == self.last_stage:
             self.state.num_tokens += tokens
         elif self.place.rank_of(op.stage + 1) == self.rank:  # bottom of the V: hand over in memory
@@ -322,16 +381,49 @@ class DualPipeV:
             self.state.stage_inputs[(op.stage, op.microbatch)] = x
             self.state.stage_outputs[(op.stage, op.microbatch)] = output
 
+    def _backward_inputs(self, op: Op):
+        key = (op.stage, op.microbatch)
+        grad = None if op.stage == self.last_stage else self.state.inbox.pop(("grad", *key))
+        return self.state.stage_inputs.pop(key), self.state.stage_outputs.pop(key), grad
+
     def _backward(self, op: Op) -> None:
         from megatron.core.pipeline_parallel.schedules import backward_step
 
-        key = (op.stage, op.microbatch)
-        grad = None if op.stage == self.last_stage else self.state.inbox.pop(("grad", *key))
-        x, output = self.state.stage_inputs.pop(key), self.state.stage_outputs.pop(key)
-        input_grad = backward_step(x, output, grad, self.config)
+        x, output, grad = self._backward_inputs(op)
+        self._backward_done(op, backward_step(x, output, grad, self.config))
+
+    def _backward_done(self, op: Op, input_grad) -> None:
         if op.stage > 0:
             box = self.state.inbox if self.place.rank_of(op.stage - 1) == self.rank else self.state.outbox
             box[("grad", op.stage - 1, op.microbatch)] = input_grad
+
+    def _combined(self, *unit: Op) -> None:
+        """One unit through megatron-core's combined forward-backward step: an F&B pair's layers
+        interleaved (F of layer i with B of layer L-1-i), or a single F or B as schedule nodes, so
+        that every backward finds the schedule plan its forward left on the output."""
+        from megatron.core.pipeline_parallel.combined_1f1b import combined_forward_backward_step
+
+        f = next((op for op in unit if op.kind == "F"), None)
+        b = next((op for op in unit if op.kind == "B"), None)
+        x = self._forward_input(f) if f is not None else None
+        bx, b_out, b_grad = self._backward_inputs(b) if b is not None else (None, None, None)
+        f_chunk = self.place.chunk_of(f.stage) if f is not None else None
+        b_chunk = self.place.chunk_of(b.stage) if b is not None else None
+        # megatron-core finds the loss stage from the pipeline rank: chunk 1's is the mirrored one
+        seen_rank = self.size - 1 - self.rank if f_chunk == 1 else self.rank
+        with pipeline_rank_seen_as(seen_rank):
+            output, tokens, input_grad = combined_forward_backward_step(
+                self.forward_step_func, self.iterators[f_chunk] if f is not None else None,
+                self.chunks[f_chunk] if f is not None else None, self.num_microbatches, x,
+                self.state.forward_data, self.chunks[b_chunk] if b is not None else None, bx, b_out, b_grad,
+                self.config, f_model_chunk_id=f_chunk, collect_non_loss_data=self.collect_non_loss_data,
+                is_first_microbatch=f is not None and f.microbatch == 0,
+                current_microbatch=f.microbatch if f is not None else None,
+            )
+        if f is not None:
+            self._forward_done(f, x, output, tokens)
+        if b is not None:
+            self._backward_done(b, input_grad)
 
     # -- data movement (the events of rank_events) -------------------------------------------
 

@@ -23,20 +23,13 @@ import torch.distributed as dist
 from megatron.core import parallel_state
 from megatron.training.models.gpt import GPTModelBuilder, GPTModelConfig
 
-from ..pipeline.dualpipev import DualPipeV, check_dualpipev_config, chunk_pg_collection, chunk_placements
-
-
-@contextlib.contextmanager
-def _pipeline_rank_seen_as(rank: int):
-    """megatron-core's own override of the pipeline rank, set while one chunk is built, so
-    every rank-dependent choice (layer offset, per-layer MoE pattern, recompute blocks) is the
-    V's stage's; the previous override comes back afterwards."""
-    previous = parallel_state._MPU_PIPELINE_MODEL_PARALLEL_RANK  # no public getter for the override itself
-    parallel_state.set_pipeline_model_parallel_rank(rank)
-    try:
-        yield
-    finally:
-        parallel_state.set_pipeline_model_parallel_rank(previous)
+from ..pipeline.dualpipev import (
+    DualPipeV,
+    check_dualpipev_config,
+    chunk_pg_collection,
+    chunk_placements,
+    pipeline_rank_seen_as,
+)
 
 
 def _unmirror(model, mirrored_collection, real_group) -> None:
@@ -59,7 +52,7 @@ class DualPipeVGPTModelBuilder(GPTModelBuilder):
         pp = pg_collection.pp
         place = chunk_placements(pp.rank(), pp.size())[vp_stage]
         collection = chunk_pg_collection(pg_collection, place)
-        with _pipeline_rank_seen_as(place.pp_rank):
+        with pipeline_rank_seen_as(place.pp_rank):
             model = super().build_model(
                 collection, pre_process=place.pre_process, post_process=place.post_process, vp_stage=vp_stage,
             )
@@ -98,8 +91,9 @@ def get_forward_backward_func(*args, **kwargs):
 def stage_ends(vp_stage) -> tuple[bool, bool]:
     """(first stage, last stage) for this rank's chunk ``vp_stage``: both ends of the V are on
     pipeline rank 0, chunk 0 the embedding, chunk 1 the loss."""
-    place = chunk_placements(parallel_state.get_pipeline_model_parallel_rank(),
-                             parallel_state.get_pipeline_model_parallel_world_size())[vp_stage]
+    group = parallel_state.get_pipeline_model_parallel_group()  # its rank, not the override (which
+    # the runtime sets to the mirrored rank around chunk 1's combined steps)
+    place = chunk_placements(group.rank(), group.size())[vp_stage]
     return place.pre_process, place.post_process
 
 

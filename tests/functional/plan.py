@@ -94,6 +94,11 @@ def _launches() -> list[Launch]:
         # 4. megatron-core's expert-parallel overlap (combined 1F1B; it needs bf16 and the alltoall dispatcher)
         L("moe_ep2_bf16", [*MHC, *EP_OVERLAP_BASE], nproc=2),
         L("moe_ep2_bf16_overlap", [*MHC, *EP_OVERLAP_BASE, "--overlap-moe-expert-parallel-comm"], nproc=2),
+        # ... and DualPipeV's F&B pairs through it (PP=2 x EP=2), tracing the schedule nodes' order
+        L("moe_dualpipev_bf16", [*MHC, *EP_OVERLAP_BASE, *untied, *pp2, *dualpipev, "--micro-batch-size", "1"], nproc=4),
+        L("moe_dualpipev_bf16_overlap", [*MHC, *EP_OVERLAP_BASE, *untied, *pp2, *dualpipev, "--micro-batch-size", "1",
+                                         "--overlap-moe-expert-parallel-comm"], nproc=4,
+          env={"MHC_TEST_NODE_TRACE": "{ckpt:self}/trace"}),
         # 5. mHC recompute
         L("mhc_recompute_auto", [*MHC, "--mhc-recompute"]),
         L("mhc_recompute_3", [*MHC, "--mhc-recompute", "--mhc-recompute-block-size", "3"]),
@@ -195,7 +200,8 @@ class Matrix:
             self._cores.wait_for(lambda: self._free_cores >= units)
             self._free_cores -= units
         try:
-            return launch(full, spec.nproc, tensorboard_dir=os.path.join(self.root, "tb", name), env=spec.env)
+            env = {k: v.replace("{ckpt:self}", self.ckpt(name)) for k, v in spec.env.items()}
+            return launch(full, spec.nproc, tensorboard_dir=os.path.join(self.root, "tb", name), env=env)
         finally:
             with self._cores:
                 self._free_cores += units

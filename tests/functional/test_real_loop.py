@@ -146,6 +146,38 @@ def test_expert_parallel_overlap_computes_the_same_step(matrix):
     assert "combined_1f1b" not in matrix.run("moe_ep2_bf16").log
 
 
+def _paired_units(trace: str) -> list[tuple[str, list[str]]]:
+    """(unit, its schedule-node passes) for each overlapped F&B pair of a DualPipeV node trace."""
+    units, current = [], None
+    for line in open(trace).read().splitlines():
+        if line.startswith("unit "):
+            current = (line[5:], []) if "&" in line else None
+            if current:
+                units.append(current)
+        elif current is not None:
+            current[1].append(line)
+    return units
+
+
+@uses("moe_dualpipev_bf16", "moe_dualpipev_bf16_overlap")
+def test_dualpipev_overlaps_its_pairs_layer_by_layer_with_the_same_step(matrix):
+    """With --overlap-moe-expert-parallel-comm each DualPipeV F&B pair runs as megatron-core's
+    schedule nodes with the two passes' nodes interleaved (one's all-to-all beside the other's
+    compute), and trains exactly as the pairs run one after the other."""
+    assert_curves_match(matrix, "moe_dualpipev_bf16_overlap", "moe_dualpipev_bf16", LAYOUT)
+    norms = [matrix.run(n).scalars["grad-norm"] for n in ("moe_dualpipev_bf16_overlap", "moe_dualpipev_bf16")]
+    assert norms[0] == pytest.approx(norms[1], rel=1e-5), norms
+    for rank in range(4):
+        units = _paired_units(os.path.join(matrix.ckpt("moe_dualpipev_bf16_overlap"), "trace", f"rank{rank}.txt"))
+        assert units, f"rank {rank} ran no overlapped pair"
+        for unit, nodes in units:
+            layer_nodes = [n.split() for n in nodes if n.split()[1] not in ("pre_process", "post_process", "loss_func")]
+            kinds = "".join(kind for kind, _, _ in layer_nodes)
+            assert {(kind, vp) for kind, _, vp in layer_nodes} in ({("F", "vp0"), ("B", "vp1")}, {("F", "vp1"), ("B", "vp0")}), unit
+            # per layer: B combine, F attention, B experts, F dispatch, B dispatch, F experts+combine, B attention
+            assert "BFBFBFFB" in kinds, (unit, kinds)
+
+
 # 5 --------------------------------------------------------------------------------------------
 @uses("mhc", "mhc_recompute_auto", "mhc_recompute_3")
 @pytest.mark.parametrize("name", ["mhc_recompute_auto", "mhc_recompute_3"])
