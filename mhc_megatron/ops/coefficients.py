@@ -46,7 +46,7 @@ def mhc_coefficients(
     sinkhorn_order: str = "cols-first",
     eps_placement: str = "inside-sqrt",
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """mHC coefficients of the n-stream input ``x`` ``[..., n, C]`` (spec section 2).
+    """mHC coefficients of the n-stream input ``x`` ``[..., n, C]`` (docs/maths.md, "Coefficients").
 
     With ``v = vec(x)`` (length nC), ``r = sqrt(mean(v^2) + eps)`` and
     ``logits = alpha * (v @ phi) / r + bias``:
