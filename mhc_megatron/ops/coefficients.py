@@ -13,7 +13,7 @@ import torch
 
 from ._backend import choose, reference_only
 from ._checks import check_iters, check_shape, check_streams, compute_dtype
-from ..kernels._common import num_coefficients  # noqa: F401 (re-exported: ops.num_coefficients)
+from ..kernels import num_coefficients  # noqa: F401 (re-exported: ops.num_coefficients)
 from .sinkhorn import check_sinkhorn_order, sinkhorn_knopp
 
 #: Where the epsilon of the coefficient RMS norm goes: ``rsqrt(mean(v^2) + eps)`` (ours, the
