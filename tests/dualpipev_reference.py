@@ -13,13 +13,18 @@ and 5 each F and the B after it form an overlapped F&B pair (marked ``&``: DeepS
 ``_forward_backward_chunk``), except the bottom rank's first F0 B1 of step 4, which run one after the
 other (its F0 feeds its own B1); step 5's lone B1 is not paired. In step 6
 the deferral starts at ``i = (r+1) // 2``: before that step's B1 on odd ranks, before its B0 on even.
+
+The product runs this order without the weight passes: its layers cannot split a backward, so
+every ``B*`` computes its weight gradients itself and the ``W`` slots are dropped
+(``weight_passes=False``, the default).
 """
 
 from __future__ import annotations
 
 
-def dualpipev_order(rank: int, ranks: int, microbatches: int) -> list[str]:
-    """``["F0.0", "F7.0", ..., "B7.0*", "W7.0", ...]``: stage numbers of the V, ``*`` a deferred B."""
+def dualpipev_order(rank: int, ranks: int, microbatches: int, weight_passes: bool = False) -> list[str]:
+    """``["F0.0", "F7.0", ..., "B7.0*", "W7.0", ...]``: stage numbers of the V, ``*`` a deferred B;
+    without ``weight_passes`` the W entries and ``*`` marks are left out."""
     stage = {"0": rank, "1": 2 * ranks - 1 - rank}
     tokens: list[str] = []
     before_turn = ranks - rank - 1
@@ -56,25 +61,18 @@ def dualpipev_order(rank: int, ranks: int, microbatches: int) -> list[str]:
         if deferred:
             waiting.append(name)
     assert not waiting, "every deferred weight pass runs"
+    if not weight_passes:
+        out = [op.replace("*", "") for op in out if op[0] != "W"]
     return out
 
 
-def as_reference(executed, with_deferral: bool = True) -> list[str]:
-    """An executed op list (``Op`` objects or their ``str``) in this module's notation. Without
-    deferral (layers that cannot split their backward) the runtime skips W and runs whole Bs."""
-    out = []
-    for op in executed:
-        text = str(op)
-        if hasattr(op, "with_weights") and op.kind == "B" and not op.with_weights and with_deferral:
-            text += "*"
-        if getattr(op, "paired", False):
-            text += "&"
-        out.append(text)
-    return out
+def as_reference(executed) -> list[str]:
+    """An executed op list (``Op`` objects or their ``str``) in this module's notation."""
+    return [str(op) + ("&" if getattr(op, "paired", False) else "") for op in executed]
 
 
 def unmarked(order: list[str]) -> list[str]:
-    """The order as ``str(Op)`` spells it (no deferral or pairing marks)."""
+    """The order as ``str(Op)`` spells it (no pairing marks)."""
     return [op.rstrip("*&") for op in order]
 
 

@@ -12,11 +12,12 @@ def add_parser(sub) -> None:
         description=(
             "Discrete-event simulation of one training step of a pipeline schedule, running the same "
             "per-rank programs as the DualPipeV runtime. Costs are in units of one forward pass of one "
-            "stage (layers / pp) on one micro-batch; backward and weight-gradient passes cost one unit each; "
+            "stage (layers / pp) on one micro-batch; a backward pass (input and weight gradients) costs two; "
             "a stage-to-stage message costs comm-ratio x expansion-rate units (the n-stream tensor is n "
             "times the residual's). 1F1B and interleaved are modelled as Megatron runs them without "
             "--overlap-p2p-communication: each send goes out with the next receive and the schedule waits for "
-            "both, so a sender waits until its message is delivered; DualPipeV sends asynchronously. Peak activations are per rank, in micro-batches x stage (1F1B's unit)."
+            "both, so a sender waits until its message is delivered; DualPipeV sends asynchronously. Peak "
+            "activations are per rank, in micro-batches x stage (1F1B's unit)."
         ),
     )
     p.add_argument("--schedule", choices=("1f1b", "interleaved", "dualpipev"), required=True, help="the schedule")
@@ -26,9 +27,6 @@ def add_parser(sub) -> None:
     p.add_argument("--comm-ratio", type=float, default=0.1,
                    help="residual stage-tensor send time / forward time of a stage (default %(default)s)")
     p.add_argument("--vpp", type=int, default=2, help="virtual stages per rank for interleaved (default %(default)s)")
-    p.add_argument("--fused-weight-grads", action="store_true",
-                   help="model layers that cannot defer weight gradients (W inside B), as without "
-                        "Transformer Engine's delay_wgrad_compute")
     p.add_argument("--out", metavar="PNG", help="draw the timeline to this PNG file")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.set_defaults(run=run)
@@ -38,7 +36,7 @@ def run(args) -> int:
     from ..pipeline.simulator import simulate
 
     sim = simulate(args.schedule, args.pp, args.microbatches, expansion_rate=args.expansion_rate,
-                   comm_ratio=args.comm_ratio, virtual_stages=args.vpp, defer_weights=not args.fused_weight_grads)
+                   comm_ratio=args.comm_ratio, virtual_stages=args.vpp)
     summary = sim.summary()
     if args.out:
         from ..pipeline.timeline import draw_timeline

@@ -72,12 +72,16 @@ def sublayer_input_spec(norm, settings: MHCSettings, sublayer_index: int, expand
     )
 
 
-def sublayer_output_spec(settings: MHCSettings, *, mlp: bool = False, contract: bool = False) -> ModuleSpec:
+def sublayer_output_spec(
+    settings: MHCSettings, *, mlp: bool = False, contract: bool = False, defer_join: bool = False
+) -> ModuleSpec:
     """The bias-dropout-add slot of an mHC sublayer: the MLP's may run on the high-priority stream;
-    ``contract``: the model's last sublayer where the final norm is not a spec slot."""
+    ``contract``: the model's last sublayer where the final norm is not a spec slot;
+    ``defer_join``: the output is read only by the block's next layer, which joins the stream."""
     return ModuleSpec(
         module=MHCSublayerOutput,
-        params={"settings": settings, "high_priority_stream": mlp and settings.post_res_stream, "contract": contract},
+        params={"settings": settings, "high_priority_stream": mlp and settings.post_res_stream, "contract": contract,
+                "defer_join": defer_join},
     )
 
 
@@ -86,13 +90,15 @@ def mhc_layer_spec(
     settings: MHCSettings,
     layer_index: int,
     recompute: tuple[tuple[BlockRecompute, int], tuple[BlockRecompute, int]] | None = None,
+    next_layer_in_block: bool = False,
 ) -> ModuleSpec:
     """The mHC version of one residual ``TransformerLayer`` spec.
 
     ``layer_index`` is the 0-based global index of the layer in the decoder: its attention is
     mHC sublayer ``2 * layer_index`` and its MLP sublayer ``2 * layer_index + 1``; layer 0 expands
     the embedding into the n streams. ``recompute``: the (block, position) of the attention and
-    of the MLP sublayer when mHC recompute is on.
+    of the MLP sublayer when mHC recompute is on. ``next_layer_in_block``: another layer of the
+    same block reads this one's output, so a side-stream post+res is joined there, not at once.
     """
     sub = layer_spec.submodules
     if not isinstance(sub, TransformerLayerSubmodules):
@@ -108,7 +114,7 @@ def mhc_layer_spec(
         input_layernorm=sublayer_input_spec(sub.input_layernorm, settings, 2 * layer_index, layer_index == 0, attn_block),
         self_attn_bda=sublayer_output_spec(settings),
         pre_mlp_layernorm=sublayer_input_spec(sub.pre_mlp_layernorm, settings, 2 * layer_index + 1, False, mlp_block),
-        mlp_bda=sublayer_output_spec(settings, mlp=True),
+        mlp_bda=sublayer_output_spec(settings, mlp=True, defer_join=next_layer_in_block),
         sharded_state_dict_keys_map=remap_norm_keys(sub.sharded_state_dict_keys_map),
     )
     return dataclasses.replace(layer_spec, submodules=new_sub)
@@ -159,8 +165,13 @@ def mhc_block_spec(
         )
     ids = _global_layer_ids(config, len(layer_specs), vp_stage, pp_rank)
     blocks = recompute_blocks(settings, ids) if settings.recompute else [None] * len(ids)
+    # a side-stream post+res is joined by the next layer's input, except where Megatron's own code
+    # reads a layer's output first: full activation recompute and CPU offloading take a layer
+    # group's input (the previous layer's output) before its first layer runs
+    defer = config.recompute_granularity != "full" and not config.cpu_offloading
     return TransformerBlockSubmodules(
-        layer_specs=[mhc_layer_spec(s, settings, i, b) for s, i, b in zip(layer_specs, ids, blocks)],
+        layer_specs=[mhc_layer_spec(s, settings, i, b, next_layer_in_block=defer and k < len(ids) - 1)
+                     for k, (s, i, b) in enumerate(zip(layer_specs, ids, blocks))],
         layer_norm=functools.partial(MHCStreamContraction, norm=final_norm, settings=settings),
     )
 

@@ -32,7 +32,7 @@ from .coefficients import MHCCoefficients
 from .recompute import BlockRecompute, RecomputeChain, recomputed
 from .profiling import region
 from .settings import MHCSettings
-from .streams import on_high_priority_stream
+from .streams import join, on_high_priority_stream
 
 if TYPE_CHECKING:
     from ..kernels.sublayer import SublayerLink
@@ -113,6 +113,7 @@ class MHCSublayerInput(MegatronModule):
         self.norm = norm(config=config, hidden_size=hidden_size, eps=eps)
 
     def forward(self, hidden_states: torch.Tensor):
+        hidden_states = join(hidden_states)  # the previous MLP's post+res may still be on its stream
         if self.expand_input:
             if hidden_states.shape[-1] != self.hidden_size:
                 raise ValueError(
@@ -188,25 +189,28 @@ class MHCSublayerOutput(torch.nn.Module):
 
     def __init__(
         self, config=None, settings: MHCSettings | None = None, high_priority_stream: bool = False,
-        contract: bool = False,
+        contract: bool = False, defer_join: bool = False,
     ):
         super().__init__()
         self.backend = settings.backend if settings is not None else "auto"
         self.dropout = settings.dropout if settings is not None else "shared"
         self.high_priority_stream = high_priority_stream
+        # the next mHC sublayer's input joins the side stream (the block spec decides: see
+        # mhc_block_spec)
+        self.defer_join = high_priority_stream and defer_join and not contract
         # the model's last sublayer where the final norm is not a spec slot (HybridModel)
         self.contraction = settings.contraction if contract else None
 
     def forward(self, training: bool, fused: bool = False):
         return functools.partial(
             self._post_residual, training=training, backend=self.backend, side_stream=self.high_priority_stream,
-            contraction=self.contraction, fused=fused, per_stream=self.dropout == "per-stream",
+            defer_join=self.defer_join, contraction=self.contraction, fused=fused, per_stream=self.dropout == "per-stream",
         )
 
     @staticmethod
     def _post_residual(
         output_with_bias, residual, prob: float, training: bool, backend: str, side_stream: bool = False,
-        contraction: str | None = None, fused: bool = False, per_stream: bool = False,
+        defer_join: bool = False, contraction: str | None = None, fused: bool = False, per_stream: bool = False,
     ) -> torch.Tensor:
         if not isinstance(residual, MHCResidual):
             raise TypeError(
@@ -245,7 +249,7 @@ class MHCSublayerOutput(torch.nn.Module):
             replays = [lambda x_again: post(x_again, out, residual.h_post, residual.h_res)]
         args = (out, residual.h_post, residual.h_res)
         with region("post_res"):
-            x = on_high_priority_stream(run, residual.x, *args) if side_stream else run(residual.x, *args)
+            x = on_high_priority_stream(run, residual.x, *args, defer_join=defer_join) if side_stream else run(residual.x, *args)
         if chain is not None and torch.is_grad_enabled():
             chain.record_post(position, replays[0], x)
         if contraction is not None:
@@ -279,7 +283,7 @@ class MHCStreamContraction(MegatronModule):
         self.norm = norm(config=config, hidden_size=hidden_size, eps=eps)
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
-        x = _unflatten_streams(hidden_states, self.n, self.hidden_size, "the mHC stream contraction")
+        x = _unflatten_streams(join(hidden_states), self.n, self.hidden_size, "the mHC stream contraction")
         with region("contract"):
             y = ops.contract_streams(x, self.reduction)
         return self.norm(y)

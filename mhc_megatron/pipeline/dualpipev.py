@@ -10,14 +10,17 @@ only executes it. What it adds over Megatron's schedules:
 - every send is asynchronous and every receive is posted ahead of the op that needs it, so the
   n-stream tensors (n times the residual's bytes) travel while the rank computes the other half
   of an F&B pair;
-- activations and gradients travel on separate process groups, so each channel delivers its
-  messages in micro-batch order on NCCL (which matches messages by order, not tag) as on gloo;
+- each message travels on one of four process groups, one per kind (activation, gradient) and
+  direction (down or up the ranks), so that every communicator carries messages one way only and
+  in micro-batch order. NCCL runs a communicator's point-to-point calls in the order they were
+  issued and a call waits until the peer's matching call runs: two neighbours that each queue a
+  receive from the other ahead of their send would wait for each other forever (gloo hides this).
+  :func:`rank_events` is the whole communication plan of a rank, the list the runtime executes and
+  the tests replay against those semantics;
 - each stage keeps the tensor it received as its own first input until its backward is done,
   so recomputing the stage's first mHC block reads a local tensor and never waits on a peer.
 
-All state of one step lives in :class:`_Step`. Weight-gradient deferral (the ``W`` ops) needs
-layers that can split their backward (Transformer Engine's ``delay_wgrad_compute``); with other
-layers ``B`` computes weight gradients too and ``W`` is empty, which the schedule logs once.
+All state of one step lives in :class:`_Step`.
 """
 
 from __future__ import annotations
@@ -25,15 +28,12 @@ from __future__ import annotations
 import collections
 import contextlib
 import copy
-import logging
 from dataclasses import dataclass, field
 
 import torch
 import torch.distributed as dist
 
 from .program import Op, check_microbatches, placement, program
-
-log = logging.getLogger(__name__)
 
 SCHEDULE = "dualpipev"
 _LOOKAHEAD = 2  # ops ahead whose inputs are already being received
@@ -125,36 +125,109 @@ def check_dualpipev_config(config, num_layers: int | None = None) -> None:
 # communication
 
 
-_CHANNELS: dict[tuple[int, ...], dict[str, object]] = {}
+CHANNELS = ("act-down", "act-up", "grad-down", "grad-up")
 
 
-def _channels(pp_group) -> dict[str, object]:
-    """Two process groups over this pipeline's ranks: one for activations, one for gradients.
+def channel(kind: str, src: int, dst: int) -> str:
+    """The process group a message of ``kind`` ("act" or "grad") from pipeline rank ``src`` to
+    ``dst`` travels on: one per kind and direction (see the module docstring)."""
+    return f"{kind}-{'down' if dst > src else 'up'}"
+
+
+@dataclass(frozen=True)
+class Message:
+    """One stage tensor crossing ranks: ``kind`` "act" (into ``stage``'s forward) or "grad" (into
+    its backward) of ``microbatch``, from pipeline rank ``src`` to ``dst``."""
+
+    kind: str
+    stage: int
+    microbatch: int
+    src: int
+    dst: int
+
+    @property
+    def channel(self) -> str:
+        return channel(self.kind, self.src, self.dst)
+
+
+def _incoming(place, rank: int, op: Op, forward_only: bool) -> Message | None:
+    peer = place.input_stage(op)
+    if peer is None or place.rank_of(peer) == rank or (forward_only and op.kind != "F"):
+        return None
+    return Message("act" if op.kind == "F" else "grad", op.stage, op.microbatch, place.rank_of(peer), rank)
+
+
+def _outgoing(place, rank: int, op: Op) -> Message | None:
+    peer = place.output_stage(op)
+    if peer is None or place.rank_of(peer) == rank:  # the loss, or the bottom of the V (in memory)
+        return None
+    return Message("act" if op.kind == "F" else "grad", peer, op.microbatch, rank, place.rank_of(peer))
+
+
+def rank_events(place, rank: int, ops: list[Op], forward_only: bool = False) -> list[tuple[str, object]]:
+    """The communication plan of ``rank`` running ``ops``, in issue order:
+
+    - ``("post_recv", m)``: post the receive of message ``m`` (up to ``_LOOKAHEAD`` ops ahead);
+    - ``("wait_recv", m)``: the next op reads ``m``;
+    - ``("wait_send", m)``: the next op (a backward) frees the activation ``m`` carried, so ``m``
+      must have left;
+    - ``("run", op)``, then ``("send", m)`` for its output when that goes to another rank;
+    - ``("wait_sends", None)`` at the end of the step.
+    """
+    events: list[tuple[str, object]] = []
+    posted: set[Message] = set()
+    sent_activation: dict[tuple[int, int], Message] = {}  # (stage, mb) -> its forward's send
+    for i, op in enumerate(ops):
+        for ahead in ops[i : i + _LOOKAHEAD + 1]:
+            m = _incoming(place, rank, ahead, forward_only)
+            if m is not None and m not in posted:
+                posted.add(m)
+                events.append(("post_recv", m))
+        m = _incoming(place, rank, op, forward_only)
+        if m is not None:
+            events.append(("wait_recv", m))
+        if op.kind == "B" and (op.stage, op.microbatch) in sent_activation:
+            events.append(("wait_send", sent_activation.pop((op.stage, op.microbatch))))
+        events.append(("run", op))
+        m = _outgoing(place, rank, op)
+        if m is not None:
+            events.append(("send", m))
+            if op.kind == "F" and not forward_only:
+                sent_activation[(op.stage, op.microbatch)] = m
+    events.append(("wait_sends", None))
+    return events
+
+
+_GROUPS: dict[tuple[int, ...], dict[str, object]] = {}
+
+
+def _channel_groups(pp_group) -> dict[str, object]:
+    """The four process groups of :data:`CHANNELS` over this pipeline's ranks.
 
     Built once per pipeline group. ``new_group`` is collective over the world, so every rank
     learns every pipeline's ranks first and all create the groups in the same order.
     """
     ranks = tuple(dist.get_process_group_ranks(pp_group))
-    if ranks not in _CHANNELS:
+    if ranks not in _GROUPS:
         world = [None] * dist.get_world_size()
         dist.all_gather_object(world, ranks)
         for pipeline in sorted(set(world)):
-            groups = {kind: dist.new_group(list(pipeline)) for kind in ("act", "grad")}
+            groups = {name: dist.new_group(list(pipeline)) for name in CHANNELS}
             if pipeline == ranks:
-                _CHANNELS[ranks] = groups
-    return _CHANNELS[ranks]
+                _GROUPS[ranks] = groups
+    return _GROUPS[ranks]
 
 
 @dataclass
 class _Step:
-    """Everything one DualPipeV step keeps between ops."""
+    """Everything one DualPipeV step keeps between events."""
 
-    received: dict = field(default_factory=dict)  # (kind, stage, mb) -> (work | None, tensor)
+    received: dict = field(default_factory=dict)  # Message -> (work, buffer) of a posted receive
+    inbox: dict = field(default_factory=dict)  # (kind, stage, mb) -> input of the op that reads it
+    outbox: dict = field(default_factory=dict)  # (kind, stage, mb) -> output bound for another rank
+    sends: dict = field(default_factory=dict)  # Message -> (work, payload, activation to free once sent)
     stage_inputs: dict = field(default_factory=dict)  # (stage, mb) -> this stage's first input
     stage_outputs: dict = field(default_factory=dict)  # (stage, mb) -> output (graph kept for B)
-    local: dict = field(default_factory=dict)  # hand-offs between the two chunks of one rank
-    sends: list = field(default_factory=list)  # (work, tensor, pseudo-free after delivery)
-    deferred_weights: list = field(default_factory=list)
     forward_data: list = field(default_factory=list)
     num_tokens: torch.Tensor | None = None
     executed: list = field(default_factory=list)
@@ -175,7 +248,7 @@ class DualPipeV:
         self.place = placement(SCHEDULE, self.size)
         self.last_stage = self.place.num_stages - 1
         self.peers = dist.get_process_group_ranks(pp_group)
-        self.groups = _channels(pp_group)
+        self.groups = _channel_groups(pp_group)
         if expansion_rate is None:
             from ..mcore.sublayer import streams_of
 
@@ -183,7 +256,6 @@ class DualPipeV:
         self.shape = stage_tensor_shape(config, seq_length, micro_batch_size, expansion_rate)
         self.dtype = config.pipeline_dtype or torch.float32
         self.device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
-        self._warned_weights = False
 
     # -- entry point ------------------------------------------------------------------------
 
@@ -204,27 +276,31 @@ class DualPipeV:
         self.num_microbatches, self.forward_step_func = num_microbatches, forward_step_func
         self.iterators, self.forward_only, self.collect_non_loss_data = iterators, forward_only, collect_non_loss_data
 
+        handlers = {"post_recv": self._post_recv, "wait_recv": self._wait_recv, "wait_send": self._wait_send,
+                    "run": self._run, "send": self._send, "wait_sends": self._wait_sends}
         with self._no_grad_sync():
-            for i, op in enumerate(ops):
-                for ahead in ops[i : i + _LOOKAHEAD + 1]:
-                    self._post_receive(ahead)
-                {"F": self._forward, "B": self._backward, "W": self._weights}[op.kind](op)
-                self.state.executed.append(op)
-                self._retire_sends(block=False)
-            self._retire_sends(block=True)
-        assert not self.state.received and not self.state.stage_outputs, "DualPipeV step left tensors behind"
-        self.executed = self.state.executed
+            for event, item in rank_events(self.place, self.rank, ops, forward_only):
+                handlers[event](item)
+        state = self.state
+        assert not (state.received or state.inbox or state.outbox or state.sends or state.stage_outputs), \
+            "DualPipeV step left tensors behind"
+        self.executed = state.executed
         if not forward_only:
             self._finalize_grads(finalize_kwargs or {})
-        return self.state.forward_data
+        return state.forward_data
 
     # -- ops --------------------------------------------------------------------------------
+
+    def _run(self, op: Op) -> None:
+        (self._forward if op.kind == "F" else self._backward)(op)
+        self.state.executed.append(op)
+        self._retire_delivered_sends()
 
     def _forward(self, op: Op) -> None:
         from megatron.core.pipeline_parallel.schedules import forward_step
 
         chunk_index = self.place.chunk_of(op.stage)
-        x = None if op.stage == 0 else self._take_input("act", op)
+        x = None if op.stage == 0 else self.state.inbox.pop(("act", op.stage, op.microbatch))
         if x is not None and not self.forward_only:
             x.requires_grad_(True)
         output, tokens = forward_step(
@@ -236,8 +312,12 @@ class DualPipeV:
         )
         if op.stage == self.last_stage:
             self.state.num_tokens += tokens
+        elif self.place.rank_of(op.stage + 1) == self.rank:  # bottom of the V: hand over in memory
+            self.state.inbox[("act", op.stage + 1, op.microbatch)] = output.detach().clone()
+            if not self.forward_only:
+                self._free_output(output)
         else:
-            self._send("act", op.stage + 1, op.microbatch, output, free_after=not self.forward_only)
+            self.state.outbox[("act", op.stage + 1, op.microbatch)] = output
         if not self.forward_only:
             self.state.stage_inputs[(op.stage, op.microbatch)] = x
             self.state.stage_outputs[(op.stage, op.microbatch)] = output
@@ -246,73 +326,51 @@ class DualPipeV:
         from megatron.core.pipeline_parallel.schedules import backward_step
 
         key = (op.stage, op.microbatch)
-        grad = None if op.stage == self.last_stage else self._take_input("grad", op)
+        grad = None if op.stage == self.last_stage else self.state.inbox.pop(("grad", *key))
         x, output = self.state.stage_inputs.pop(key), self.state.stage_outputs.pop(key)
-        self._retire_sends(block=False, output=output)  # its send must be done (and the tensor freed)
         input_grad = backward_step(x, output, grad, self.config)
-        if not op.with_weights:
-            self.state.deferred_weights.append(self._weight_pass(self.chunks[self.place.chunk_of(op.stage)]))
         if op.stage > 0:
-            self._send("grad", op.stage - 1, op.microbatch, input_grad, free_after=False)
+            box = self.state.inbox if self.place.rank_of(op.stage - 1) == self.rank else self.state.outbox
+            box[("grad", op.stage - 1, op.microbatch)] = input_grad
 
-    def _weights(self, op: Op) -> None:
-        self.state.deferred_weights.pop(0)()
+    # -- data movement (the events of rank_events) -------------------------------------------
 
-    def _weight_pass(self, chunk):
-        """The deferred weight-gradient pass of ``chunk``'s last backward, if its layers can defer."""
-        if getattr(self.config, "delay_wgrad_compute", False) and hasattr(_unwrap(chunk), "backward_dw"):
-            return _unwrap(chunk).backward_dw
-        if not self._warned_weights:
-            log.info("DualPipeV: these layers compute weight gradients inside the backward pass; "
-                     "W slots stay empty (Transformer Engine's delay_wgrad_compute fills them)")
-            self._warned_weights = True
-        return lambda: None
-
-    # -- data movement ----------------------------------------------------------------------
-
-    def _source(self, op: Op):
-        """(channel, peer stage) the op's input comes from, or None when it needs none."""
-        peer = self.place.input_stage(op)
-        return None if peer is None else ("act" if op.kind == "F" else "grad", peer)
-
-    def _post_receive(self, op: Op) -> None:
-        src = self._source(op)
-        if src is None or self.forward_only and op.kind != "F":
-            return
-        kind, peer_stage = src
-        key = (kind, op.stage, op.microbatch)
-        if key in self.state.received or self.place.rank_of(peer_stage) == self.rank:
-            return
+    def _post_recv(self, m: Message) -> None:
         buffer = torch.empty(self.shape, dtype=self.dtype, device=self.device)
-        peer = self.peers[self.place.rank_of(peer_stage)]
-        work = dist.irecv(buffer, src=peer, group=self.groups[kind])
-        self.state.received[key] = (work, buffer)
+        work = dist.irecv(buffer, src=self.peers[m.src], group=self.groups[m.channel])
+        self.state.received[m] = (work, buffer)
 
-    def _take_input(self, kind: str, op: Op) -> torch.Tensor:
-        key = (kind, op.stage, op.microbatch)
-        if key in self.state.local:
-            return self.state.local.pop(key)
-        self._post_receive(op)
-        work, tensor = self.state.received.pop(key)
+    def _wait_recv(self, m: Message) -> None:
+        work, buffer = self.state.received.pop(m)
         work.wait()
-        return tensor
+        self.state.inbox[(m.kind, m.stage, m.microbatch)] = buffer
 
-    def _send(self, kind: str, to_stage: int, microbatch: int, tensor: torch.Tensor, free_after: bool) -> None:
-        if self.place.rank_of(to_stage) == self.rank:  # bottom of the V: hand over in memory
-            if kind == "act":
-                self.state.local[(kind, to_stage, microbatch)] = tensor.detach().clone()
-                self._free_output(tensor if free_after else None)
-            else:
-                self.state.local[(kind, to_stage, microbatch)] = tensor
-            return
+    def _send(self, m: Message) -> None:
+        tensor = self.state.outbox.pop((m.kind, m.stage, m.microbatch))
         if tuple(tensor.shape) != self.shape:
             raise RuntimeError(
-                f"stage {to_stage - 1 if kind == 'act' else to_stage + 1} produced a {tuple(tensor.shape)} "
+                f"stage {m.stage - 1 if m.kind == 'act' else m.stage + 1} produced a {tuple(tensor.shape)} "
                 f"tensor but DualPipeV moves {self.shape} between stages ([seq, micro-batch, n*hidden])"
             )
         payload = tensor.detach().to(self.dtype).contiguous()
-        work = dist.isend(payload, dst=self.peers[self.place.rank_of(to_stage)], group=self.groups[kind])
-        self.state.sends.append((work, payload, tensor if free_after else None))
+        work = dist.isend(payload, dst=self.peers[m.dst], group=self.groups[m.channel])
+        # a sent activation is pseudo-freed once delivered: its backward needs only the graph
+        self.state.sends[m] = (work, payload, tensor if m.kind == "act" and not self.forward_only else None)
+
+    def _wait_send(self, m: Message) -> None:
+        work, _, sent = self.state.sends.pop(m)
+        work.wait()
+        self._free_output(sent)
+
+    def _wait_sends(self, _=None) -> None:
+        for m in list(self.state.sends):
+            self._wait_send(m)
+
+    def _retire_delivered_sends(self) -> None:
+        for m, (work, _, sent) in list(self.state.sends.items()):
+            if work.is_completed():
+                del self.state.sends[m]
+                self._free_output(sent)
 
     def _free_output(self, output) -> None:
         """Pseudo-free a sent activation (Megatron's ``deallocate_pipeline_outputs``): only its
@@ -320,19 +378,6 @@ class DualPipeV:
         from megatron.core.pipeline_parallel.schedules import deallocate_output_tensor
 
         deallocate_output_tensor(output, self.config.deallocate_pipeline_outputs)
-
-    def _retire_sends(self, block: bool, output=None) -> None:
-        """Release delivered messages and pseudo-free their activations. ``output``: wait for the
-        send of this tensor in particular (its backward is next)."""
-        pending = []
-        for work, payload, sent in self.state.sends:
-            if block or (output is not None and sent is output):
-                work.wait()
-            elif not work.is_completed():
-                pending.append((work, payload, sent))
-                continue
-            self._free_output(sent)
-        self.state.sends = pending
 
     # -- gradient reduction -----------------------------------------------------------------
 
@@ -414,9 +459,3 @@ def _cp_size() -> int:
     from megatron.core import parallel_state
 
     return parallel_state.get_context_parallel_world_size()
-
-
-def _unwrap(chunk):
-    while hasattr(chunk, "module"):
-        chunk = chunk.module
-    return chunk

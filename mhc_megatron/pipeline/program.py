@@ -5,9 +5,10 @@ simulator (``simulator.py``) and the DualPipeV runtime (``dualpipev.py``), so wh
 simulator predicts is what the runtime executes.
 
 Stages are numbered globally, 0 (embedding) to ``num_stages - 1`` (loss). An op is a forward
-``F``, an input-gradient backward ``B`` or a deferred weight-gradient pass ``W`` of one
-micro-batch through one stage. In schedules that do not split the backward, ``B`` carries
-``with_weights=True`` and there is no ``W``.
+``F`` or a backward ``B`` (input and weight gradients) of one micro-batch through one stage.
+There are no separate weight-gradient passes (``W``): splitting a backward needs layers that can
+defer their weight gradients (Transformer Engine's ``delay_wgrad_compute`` with a model that
+exposes ``backward_dw``), which megatron-core 0.19's ``GPTModel`` does not.
 """
 
 from __future__ import annotations
@@ -19,10 +20,9 @@ SCHEDULES = ("1f1b", "interleaved", "dualpipev")
 
 @dataclass(frozen=True)
 class Op:
-    kind: str  # "F", "B" or "W"
+    kind: str  # "F" or "B"
     stage: int
     microbatch: int
-    with_weights: bool = True  # B only: weight gradients computed in this pass (False: a later W)
     paired: bool = False  # F/B run back to back with the other half of an F&B pair
 
     def __str__(self) -> str:
@@ -57,7 +57,7 @@ class Placement:
     # and validate-config's message counts all ask these.
     def input_stage(self, op: Op) -> int | None:
         """The stage whose output ``op`` reads: F reads the previous stage's activations, B the next
-        stage's gradient; None where the input is local (first F: data; last B: its own loss; W)."""
+        stage's gradient; None where the input is local (first F: data; last B: its own loss)."""
         if op.kind == "F":
             return op.stage - 1 if op.stage > 0 else None
         if op.kind == "B":
@@ -160,28 +160,22 @@ def _interleaved(rank: int, ranks: int, mbs: int, chunks: int) -> list[Op]:
 def _dualpipev(rank: int, ranks: int, mbs: int) -> list[Op]:
     """DualPipeV: rank r holds stage r (chunk 0, going down) and stage 2P-1-r (chunk 1, coming back).
 
-    Eight phases (DeepSeek's DualPipe paper, the V-shaped variant); backward passes marked
-    ``with_weights=False`` leave their weight gradients to a later ``W`` that fills a bubble.
+    The eight phases of DeepSeek's V-shaped DualPipe, with its weight-gradient passes left out:
+    the backward passes DeepSeek splits compute their weight gradients in place (see the module
+    docstring), so phases 3 and 7 are plain backwards and phase 8 is empty.
     """
     down, up = rank, 2 * ranks - 1 - rank
     nxt = {down: 0, up: 0}  # next micro-batch per stage and pass
     nxt_b = {down: 0, up: 0}
-    deferred: list[tuple[int, int]] = []
     ops: list[Op] = []
 
     def f(stage, paired=False):
         ops.append(Op("F", stage, nxt[stage], paired=paired))
         nxt[stage] += 1
 
-    def b(stage, zero_bubble=False, paired=False):
-        ops.append(Op("B", stage, nxt_b[stage], with_weights=not zero_bubble, paired=paired))
-        if zero_bubble:
-            deferred.append((stage, nxt_b[stage]))
+    def b(stage, paired=False):
+        ops.append(Op("B", stage, nxt_b[stage], paired=paired))
         nxt_b[stage] += 1
-
-    def w():
-        stage, mb = deferred.pop(0)
-        ops.append(Op("W", stage, mb))
 
     before_turn = ranks - rank - 1  # ranks between this one and the bottom of the V
     for _ in range(2 * before_turn):  # 1. fill: forwards of the down chunk
@@ -189,9 +183,8 @@ def _dualpipev(rank: int, ranks: int, mbs: int) -> list[Op]:
     for _ in range(rank + 1):  # 2. forwards of both chunks
         f(down)
         f(up)
-    for _ in range(before_turn):  # 3. first backwards; weights deferred into the gaps
-        b(up, zero_bubble=True)
-        w()
+    for _ in range(before_turn):  # 3. first backwards of the up chunk
+        b(up)
         f(up)
     for i in range(mbs - 2 * ranks + rank + 1):  # 4. steady state: F&B pairs of both chunks
         # the bottom rank's first pair runs unpaired: its F feeds its own B
@@ -204,13 +197,9 @@ def _dualpipev(rank: int, ranks: int, mbs: int) -> list[Op]:
         b(up)
         f(up, paired=True)
         b(down, paired=True)
-    for i in range(rank + 1):  # 6. backwards of both chunks, weights deferred in the second half
-        half = (rank + 1) // 2
-        b(up, zero_bubble=i > half or (i == half and rank % 2 == 1))
-        b(down, zero_bubble=i >= half)
-    for _ in range(before_turn):  # 7. deferred weights between the last backwards
-        w()
-        b(down, zero_bubble=True)
-    while deferred:  # 8. remaining deferred weights
-        w()
+    for _ in range(rank + 1):  # 6. backwards of both chunks
+        b(up)
+        b(down)
+    for _ in range(before_turn):  # 7. the down chunk's last backwards
+        b(down)
     return ops

@@ -5,8 +5,7 @@ the rank is free and its input is there: the previous stage's forward (or the ne
 backward) plus, across ranks, the time to move the stage tensor. Costs, in units of one
 forward of ``layers / pp`` layers on one micro-batch:
 
-- forward ``F`` = 1 / chunks per rank, backward ``B`` and weight pass ``W`` = ``F`` each
-  (a backward that keeps its weight gradients costs ``B + W``);
+- forward ``F`` = 1 / chunks per rank, backward ``B`` (input and weight gradients) = 2 ``F``;
 - a message between stages costs ``comm_ratio x expansion_rate`` (the n-stream tensor is n
   times the residual's: ``comm_ratio`` is the residual model's send time relative to ``F``).
 
@@ -88,10 +87,8 @@ def simulate(
     expansion_rate: int = 1,
     comm_ratio: float = 0.0,
     virtual_stages: int | None = None,
-    defer_weights: bool = True,
 ) -> Simulation:
-    """Simulate one step. ``defer_weights=False`` models layers that cannot split their backward:
-    a ``B`` marked for deferral still costs ``B + W`` and its ``W`` costs nothing."""
+    """Simulate one step of ``schedule`` over ``num_ranks`` pipeline ranks."""
     if comm_ratio < 0:
         raise ValueError(f"comm_ratio must be >= 0, got {comm_ratio}")
     if expansion_rate < 1:
@@ -116,7 +113,7 @@ def simulate(
             return (op.kind, peer, op.microbatch), place.receives(op)
         if op.kind == "F":
             return None
-        return ("F" if op.kind == "B" else "B", op.stage, op.microbatch), False  # last B: its F; W: its B
+        return ("F", op.stage, op.microbatch), False  # the last stage's B: its own F
 
     pending = sum(len(p) for p in programs)
     while pending:
@@ -134,12 +131,7 @@ def simulate(
                     if arrival > ready:
                         wait = min(arrival - ready, comm if remote else 0.0)
                         ready = arrival
-                if op.kind == "F":
-                    cost = unit
-                elif op.kind == "B":
-                    cost = unit * (2 if op.with_weights or not defer_weights else 1)
-                else:
-                    cost = unit if defer_weights else 0.0
+                cost = unit if op.kind == "F" else 2 * unit
                 end = ready + cost
                 blocked = comm if (blocking and place.sends(op)) else 0.0
                 sim.events.append(Event(rank, op, ready, end, wait + blocked))
@@ -149,7 +141,7 @@ def simulate(
                 if op.kind == "F":
                     live[rank] += unit
                     peak[rank] = max(peak[rank], live[rank])
-                elif (op.kind == "B" and op.with_weights) or op.kind == "W":
+                else:
                     live[rank] -= unit
                 cursor[rank] += 1
                 pending -= 1

@@ -1,10 +1,10 @@
-"""Draw a simulated schedule: one row per rank, forwards, backwards and weight passes coloured."""
+"""Draw a simulated schedule: one row per rank, forwards and backwards coloured."""
 
 from __future__ import annotations
 
 from .simulator import Simulation
 
-_COLOURS = {"F": "#4c72b0", "B": "#55a868", "W": "#c44e52"}
+_COLOURS = {"F": "#4c72b0", "B": "#55a868"}
 
 
 def draw_timeline(sim: Simulation, path: str) -> None:
@@ -27,7 +27,7 @@ def draw_timeline(sim: Simulation, path: str) -> None:
                  f"comm ratio {sim.comm_ratio}: bubble {s['bubble_fraction']:.1%}, "
                  f"exposed comm {s['exposed_comm_fraction']:.1%}", fontsize=9)
     handles = [plt.Rectangle((0, 0), 1, 1, color=c) for c in _COLOURS.values()]
-    ax.legend(handles, ["forward", "backward (input grads)", "weight grads"], loc="upper right", fontsize=7)
+    ax.legend(handles, ["forward", "backward"], loc="upper right", fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
