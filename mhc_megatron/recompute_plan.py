@@ -1,4 +1,4 @@
-"""Choosing the mHC recompute block size L_r, and predicting what it stores (spec section 4).
+"""Choosing the mHC recompute block size L_r, and predicting what it stores (docs/recompute.md).
 
 Counting is per token and per *sublayer* (attention and MLP each count as one mHC layer).
 Without recompute every sublayer keeps, for backward, its n-stream input ``x`` (nC elements),

@@ -6,7 +6,7 @@ from mhc_megatron.ops.sinkhorn import sinkhorn_knopp
 
 
 def literal_mhc(x, phi, bias, alpha, iters, eps):
-    """Spec section 2 in its literal order: RMSNorm over vec(x) first, then project."""
+    """The coefficients of docs/maths.md in their literal order: RMSNorm over vec(x) first, then project."""
     n = x.shape[-2]
     v = x.flatten(-2)
     v_normed = v / torch.sqrt(v.pow(2).mean(-1, keepdim=True) + eps)

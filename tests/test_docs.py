@@ -47,6 +47,24 @@ def test_docs_stand_on_their_own():
     assert not hits, "\n".join(hits)
 
 
+def test_code_comments_stand_on_their_own():
+    """Docstrings and comments name the repository's docs, not sections of a spec it does not ship."""
+    import re
+
+    bad = re.compile(r"spec section|§|mhc-spec", re.IGNORECASE)
+    hits = []
+    for top in ("mhc_megatron", "tests", "scripts", "examples"):
+        for dirpath, _, names in os.walk(os.path.join(ROOT, top)):
+            for name in names:
+                path = os.path.join(dirpath, name)
+                if not name.endswith(".py") or path == os.path.abspath(__file__):
+                    continue
+                with open(path) as f:
+                    hits += [f"{os.path.relpath(path, ROOT)}:{i}: {line.strip()}"
+                             for i, line in enumerate(f, 1) if bad.search(line)]
+    assert not hits, "\n".join(hits)
+
+
 def test_python_snippets_import_what_exists():
     """Every ``from mhc_megatron... import names`` in a python block of the docs resolves."""
     import importlib

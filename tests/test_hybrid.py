@@ -114,3 +114,24 @@ def test_moe_layers_of_a_pattern_are_mhc_sublayers():
     loss.backward()
     assert torch.isfinite(loss)
     assert model.decoder.layers[1].pre_mlp_layernorm.coefficients.phi.grad.abs().sum() > 0
+
+
+def test_the_builder_builds_each_position_of_the_pattern():
+    """One spec per layer type; the builder decides per ``layer_number`` (first expands, last
+    contracts) and builds megatron-core's own layer class, not a wrapper."""
+    from megatron.core.ssm.mlp_layer import MLPLayer
+
+    from mhc_megatron.mcore.hybrid import BuildWithBuilder, HybridLayerBuilder
+
+    settings = MHCSettings(mode="mhc", expansion_rate=2)
+    stack = _local_stack_spec()
+    entry = mhc_hybrid_stack_spec(stack, settings, "*-*-").submodules.mlp_layer
+    assert entry.module is BuildWithBuilder
+    builder = entry.params["builder"]
+    assert builder == HybridLayerBuilder(stack.submodules.mlp_layer, settings, "mlp", 4)
+    assert [builder.spec(i).submodules.mlp_bda.params["contract"] for i in (2, 4)] == [False, True]
+    attention = HybridLayerBuilder(stack.submodules.attention_layer, settings, "attention", 4)
+    assert [attention.spec(i).submodules.input_layernorm.keywords["expand_input"] for i in (1, 3)] == [True, False]
+    layer = BuildWithBuilder(config=tiny_config(num_layers=4), layer_number=4, builder=builder)
+    assert type(layer) is MLPLayer and layer.layer_number == 4
+    assert layer.mlp_bda.contraction == "mean"

@@ -42,3 +42,47 @@ def test_the_check_sees_a_relative_import_of_another_layer(tmp_path):
     module = tmp_path / "m.py"
     module.write_text("def f():\n    from ..ops.coefficients import num_coefficients\n")
     assert "ops" in imported_packages(str(module), "kernels")
+
+
+def private_imports_across_packages(path: str, package: str) -> list[str]:
+    """``pkg._module`` or ``_name`` a module imports from another first-level mhc_megatron package."""
+    found = []
+    for node in ast.walk(ast.parse(open(path).read())):
+        if not isinstance(node, ast.ImportFrom) or node.level == 1:
+            continue
+        if node.level == 0:
+            if not (node.module or "").startswith("mhc_megatron."):
+                continue
+            parts = node.module.split(".")[1:]
+        elif node.level == 2:
+            parts = (node.module or "").split(".") if node.module else []
+        else:
+            continue
+        for alias in node.names:
+            full = [*parts, alias.name] if parts else [alias.name]
+            if full[0] == package:
+                continue
+            private = [p for p in full if p.startswith("_") and not p.startswith("__")]
+            if private:
+                found.append(".".join(full))
+    return found
+
+
+def test_no_package_imports_another_packages_private_modules_or_names():
+    bad = []
+    for dirpath, _, names in os.walk(PKG):
+        rel = os.path.relpath(dirpath, PKG)
+        if rel == ".":
+            continue
+        package = rel.split(os.sep)[0]
+        for name in sorted(names):
+            if name.endswith(".py"):
+                path = os.path.join(dirpath, name)
+                bad += [f"{os.path.relpath(path, PKG)} imports {hit}" for hit in private_imports_across_packages(path, package)]
+    assert not bad, bad
+
+
+def test_the_private_import_check_sees_a_private_module(tmp_path):
+    module = tmp_path / "m.py"
+    module.write_text("from ..kernels._common import interpreting\nfrom ..kernels import _common\nfrom ._x import y\n")
+    assert private_imports_across_packages(str(module), "ops") == ["kernels._common.interpreting", "kernels._common"]

@@ -4,6 +4,7 @@ import pytest
 import torch
 
 from mcore_helpers import build_gpt, lm_loss, make_batch, tiny_config
+from mhc_megatron.bench.activations import SavedTensorBytes
 from mhc_megatron.mcore import MHCSettings, check_transformer_config
 from mhc_megatron.mcore.recompute import BlockRecompute
 from mhc_megatron.mcore.specs import recompute_blocks
@@ -66,19 +67,21 @@ def test_recompute_in_bf16_matches_bf16_without():
 
 
 def _saved_bytes(model, batch) -> int:
-    """Bytes of the distinct storages autograd keeps for backward, parameters excluded."""
-    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
-    seen = {}
-
-    def pack(t):
-        ptr = t.untyped_storage().data_ptr()
-        if ptr not in params:
-            seen[ptr] = t.untyped_storage().nbytes()
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+    """Bytes of the distinct storages autograd keeps for backward, parameters excluded: counted by
+    saved-tensor hooks, code independent of the planner's formulas it is compared with."""
+    with SavedTensorBytes(exclude=model.parameters()) as saved:
         lm_loss(model, batch)
-    return sum(seen.values())
+    return saved.nbytes
+
+
+def test_saved_bytes_count_each_storage_once_and_skip_parameters():
+    a = torch.randn(100, requires_grad=True)
+    w = torch.nn.Parameter(torch.randn(100))
+    with SavedTensorBytes(exclude=[w]) as saved:
+        b = (a * w).exp()  # mul saves a and w; exp saves its output b
+        b[:50].sin()  # sin saves a view of b: b's storage again
+        b.view(10, 10).cos()
+    assert saved.nbytes == 2 * 100 * 4
 
 
 @pytest.mark.parametrize("block", ["auto", 3])

@@ -57,13 +57,6 @@ def test_settings_accept_what_they_should():
     assert ops.mhc_pre(x, torch.rand(2, 4, dtype=torch.float64)).dtype == torch.float64
 
 
-def test_kernel_streams_are_those_compiled():
-    from mhc_megatron.kernels.compile_check import KERNELS_PER_N
-    from mhc_megatron.mcore.settings import KERNEL_STREAMS
-
-    assert tuple(KERNEL_STREAMS) == tuple(KERNELS_PER_N)
-
-
 def test_launch_warns_once_for_n_without_kernels_on_a_gpu(capsys):
     assert warn_reference_fallback(MHCSettings(mode="mhc", expansion_rate=3), cuda=True)
     err = capsys.readouterr().err

@@ -1,7 +1,7 @@
 """Activation bytes kept for backward, measured: residual vs mHC vs mHC + recompute.
 
 Counts the distinct storages autograd saves during one forward pass (parameters excluded) with
-``torch.autograd.graph.saved_tensors_hooks``, per token, for the demo model and a 27B-like layer
+:class:`SavedTensorBytes` (``torch.autograd.graph.saved_tensors_hooks``), per token, for the demo model and a 27B-like layer
 shape (C = 2560, n = 4). Runs on CPU; on a GPU it also reports the peak allocated memory.
 """
 
@@ -28,20 +28,45 @@ class ActivationRecord:
     peak_allocated_mib: float | None
 
 
-def saved_bytes(model, tokens, labels) -> int:
-    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
-    seen: dict[int, int] = {}
+class SavedTensorBytes:
+    """Within ``with``, the bytes autograd saves for backward: each distinct storage counted once
+    (a view shares its base's storage), the storages of ``exclude`` (the parameters) not at all:
+    ``with SavedTensorBytes(exclude=model.parameters()) as saved: loss = model(batch)``, then
+    ``saved.nbytes``."""
 
-    def pack(t):
-        ptr = t.untyped_storage().data_ptr()
-        if ptr not in params:
-            seen[ptr] = t.untyped_storage().nbytes()
+    def __init__(self, exclude=()):
+        self._excluded = {t.untyped_storage().data_ptr() for t in exclude}
+        self._storages: dict[int, int] = {}  # data pointer -> bytes
+        self._hooks = torch.autograd.graph.saved_tensors_hooks(self._pack, _unpack)
+
+    def _pack(self, t: torch.Tensor) -> torch.Tensor:
+        storage = t.untyped_storage()
+        if storage.data_ptr() not in self._excluded:
+            self._storages[storage.data_ptr()] = storage.nbytes()
         return t
 
+    @property
+    def nbytes(self) -> int:
+        return sum(self._storages.values())
+
+    def __enter__(self) -> "SavedTensorBytes":
+        self._hooks.__enter__()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._hooks.__exit__(*exc)
+
+
+def _unpack(t: torch.Tensor) -> torch.Tensor:
+    return t
+
+
+def saved_bytes(model, tokens, labels) -> int:
+    """Bytes autograd keeps for backward in one forward of the demo model (parameters excluded)."""
     positions = torch.arange(tokens.shape[1], device=tokens.device).expand_as(tokens)
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+    with SavedTensorBytes(exclude=model.parameters()) as saved:
         model(tokens, positions, None, labels=labels)
-    return sum(seen.values())
+    return saved.nbytes
 
 
 def measure(shape: str, backend: str, device: str = "cpu", n: int = 4) -> list[ActivationRecord]:

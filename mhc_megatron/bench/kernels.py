@@ -14,7 +14,7 @@ whole mHC sublayer = all three, forward + backward) it times:
 The ``sublayer`` row of ``triton`` is the fused sublayer path the Megatron layers run (both halves
 sharing one x gradient); the others compose their three ops, and autograd adds the gradients.
 
-Bandwidth is the op's memory-traffic floor (spec section 3: the bytes it must read and write,
+Bandwidth is the op's memory-traffic floor (the bytes it must read and write,
 with bf16/fp16 activations and fp32 coefficients; for the sublayer the (4n+2)C / (9n+3)C floors
 of docs/kernels.md) divided by the time, and is also given as a
 fraction of the device's copy bandwidth measured at the start of the run.

@@ -193,7 +193,7 @@ class TrafficCounter:
 
     # --- patching the interpreter -----------------------------------------------------------
     def __enter__(self):
-        from ..kernels._common import interpreting
+        from ..kernels import interpreting
 
         if not interpreting():
             raise RuntimeError(

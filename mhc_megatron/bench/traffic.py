@@ -44,7 +44,7 @@ class TrafficConfig:
     sms: int = 132  # SMs the launch heuristics assume (an H200's): they set the token splits
 
     def validate(self) -> None:
-        from ..kernels._common import SUPPORTED_STREAMS
+        from ..kernels import SUPPORTED_STREAMS
 
         if self.tokens < 1 or self.tokens % 32:
             raise ValueError(f"--tokens must be a positive multiple of 32 (the token blocks), got {self.tokens}")
@@ -134,13 +134,10 @@ def _modules(cfg: TrafficConfig, count: int, recompute: bool):
 
 def run_once(cfg: TrafficConfig, tokens: int, count: int, recompute: bool) -> list[Launch]:
     """One forward + backward through ``count`` sublayers; the launches, counted."""
-    from ..kernels import _common
+    from ..kernels import interpreter_sms
 
-    saved, _common.INTERPRETER_SMS = _common.INTERPRETER_SMS, cfg.sms
-    try:
+    with interpreter_sms(cfg.sms):
         return _run_once(cfg, tokens, count, recompute)
-    finally:
-        _common.INTERPRETER_SMS = saved
 
 
 def _run_once(cfg: TrafficConfig, tokens: int, count: int, recompute: bool) -> list[Launch]:

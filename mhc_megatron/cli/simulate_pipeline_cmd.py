@@ -14,8 +14,10 @@ def add_parser(sub) -> None:
             "per-rank programs as the DualPipeV runtime. Costs are in units of one forward pass of one "
             "stage (layers / pp) on one micro-batch; a backward pass (input and weight gradients) costs two; "
             "a stage-to-stage message costs comm-ratio x expansion-rate units (the n-stream tensor is n "
-            "times the residual's). 1F1B and interleaved block on their sends as Megatron's do; DualPipeV "
-            "sends asynchronously. Peak activations are per rank, in micro-batches x stage (1F1B's unit)."
+            "times the residual's). 1F1B and interleaved are modelled as Megatron runs them without "
+            "--overlap-p2p-communication: each send goes out with the next receive and the schedule waits for "
+            "both, so a sender waits until its message is delivered; DualPipeV sends asynchronously. Peak "
+            "activations are per rank, in micro-batches x stage (1F1B's unit)."
         ),
     )
     p.add_argument("--schedule", choices=("1f1b", "interleaved", "dualpipev"), required=True, help="the schedule")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
 
@@ -18,6 +19,17 @@ SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 #: SMs assumed under the interpreter: an H200's, so that CPU runs (tests, ``bench traffic``) make
 #: the same launches, with the same token splits, as the GPU they stand in for.
 INTERPRETER_SMS = 132
+
+
+@contextlib.contextmanager
+def interpreter_sms(count: int):
+    """Within ``with``, the interpreter assumes ``count`` SMs (the launches' token splits follow)."""
+    global INTERPRETER_SMS
+    saved, INTERPRETER_SMS = INTERPRETER_SMS, count
+    try:
+        yield
+    finally:
+        INTERPRETER_SMS = saved
 
 
 @functools.cache

@@ -25,7 +25,8 @@ import sys
 import tempfile
 from dataclasses import dataclass
 
-KERNELS_PER_N = (1, 2, 4, 8)
+from ._common import SUPPORTED_STREAMS  # the n the kernels are built for (torch only, no triton import)
+
 SHAPE = {"tokens": 16384, "hidden": 4096, "iters": 20}
 
 
@@ -167,7 +168,7 @@ def _compile_one(job: tuple[int, int, int, int]) -> CompileResult:
     return CompileResult(launch.fn.__name__, config, arch, regs, spills, ", ".join(aligned))
 
 
-def compile_all(arch: int = 90, streams=KERNELS_PER_N, workers: int | None = None) -> list[CompileResult]:
+def compile_all(arch: int = 90, streams=SUPPORTED_STREAMS, workers: int | None = None) -> list[CompileResult]:
     """Every (launch, surviving config) at SHAPE for each n, compiled in ``workers`` processes."""
     if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
         raise RuntimeError("unset TRITON_INTERPRET: the interpreter replaces the kernels with Python")
@@ -201,11 +202,12 @@ def markdown(results: list[CompileResult]) -> str:
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m mhc_megatron.kernels.compile_check", description=__doc__.split("\n\n")[0])
     p.add_argument("arch", nargs="?", type=int, default=90, help="compute capability x 10 (default 90)")
-    p.add_argument("--n", type=int, action="append", help="expansion rates (default 1, 2, 4, 8)")
+    p.add_argument("--n", type=int, action="append",
+                   help=f"expansion rates (default {', '.join(map(str, SUPPORTED_STREAMS))}: those the kernels support)")
     p.add_argument("--markdown", action="store_true", help="print the docs table")
     p.add_argument("--json", action="store_true", help="print the results as JSON")
     args = p.parse_args(argv)
-    results = compile_all(args.arch, tuple(args.n or KERNELS_PER_N))
+    results = compile_all(args.arch, tuple(args.n or SUPPORTED_STREAMS))
     if args.markdown:
         print(markdown(results))
         return 0

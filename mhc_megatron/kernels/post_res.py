@@ -1,7 +1,7 @@
 """Fused post + residual: ``out = H_res · x + H_post^T · dropout(f + bias)``, forward and backward.
 
 Reference: :func:`mhc_megatron.ops.streams.mhc_post_res`. Per token the forward reads the n
-streams and ``f`` ((n+1)C elements) and writes nC (spec section 3's fused target), accumulating
+streams and ``f`` ((n+1)C elements) and writes nC (the fused floor of docs/kernels.md, "Memory traffic"), accumulating
 in fp32 and storing in the activation dtype. The optional bias and dropout are Megatron's
 bias-dropout-add folded in: the bias is added and dropout applied to the sublayer output inside
 the kernel, so neither costs a pass over memory. Dropout keeps an element with probability

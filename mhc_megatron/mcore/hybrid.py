@@ -2,8 +2,8 @@
 
 A hybrid layer holds one sublayer: attention (``*``; MLA too) or MLP (``-``, MoE ``E``). Its
 global index is its ``layer_number - 1``, which ``HybridStack`` passes when it builds the layer
-from the one spec of that layer type; :class:`MHCHybridLayer` reads it there and builds the mHC
-version of the residual layer spec for that position: the first layer expands the embedding into
+from the one spec of that layer type; a :class:`HybridLayerBuilder` reads it there and builds the
+mHC version of the residual layer spec for that position: the first layer expands the embedding into
 the n streams, and the last layer contracts them in its bias-dropout-add slot (``HybridStack``'s
 final norm is not a spec slot). A GPT model and a hybrid model with the
 pattern ``*-*-...`` therefore compute the same function (tested with shared weights).
@@ -62,23 +62,47 @@ def mhc_hybrid_stack_spec(stack_spec: ModuleSpec, settings: MHCSettings, hybrid_
     pattern = main_pattern(hybrid_layer_pattern)
     sub = stack_spec.submodules
     replaced = {
-        slot: ModuleSpec(
-            module=MHCHybridLayer,
-            params={"layer_spec": getattr(sub, slot), "settings": settings, "kind": kind, "num_layers": len(pattern)},
-        )
+        slot: HybridLayerBuilder(getattr(sub, slot), settings, kind, len(pattern)).module_spec()
         for slot, kind in WRAPPED_SLOTS.items()
         if getattr(sub, slot) is not IdentityOp
     }
     return dataclasses.replace(stack_spec, submodules=dataclasses.replace(sub, **replaced))
 
 
-class MHCHybridLayer:
-    """Spec entry that builds, for the ``layer_number`` ``HybridStack`` passes, the mHC version of
-    ``layer_spec`` (a one-sublayer ``TransformerLayer``/``MLPLayer``/``MoETransformerLayer`` spec)."""
+@dataclasses.dataclass(frozen=True)
+class HybridLayerBuilder:
+    """Builds, for the ``layer_number`` ``HybridStack`` passes, the mHC version of ``layer_spec``
+    (a one-sublayer ``TransformerLayer``/``MLPLayer``/``MoETransformerLayer`` spec) at that
+    position of a ``num_layers``-layer pattern. ``kind``: ``"attention"`` or ``"mlp"``."""
 
-    def __new__(cls, *, layer_spec: ModuleSpec, settings: MHCSettings, kind: str, num_layers: int, layer_number: int, **kwargs):
-        spec = hybrid_layer_spec(layer_spec, settings, kind, layer_number - 1, num_layers)
-        return build_module(spec, layer_number=layer_number, **kwargs)
+    layer_spec: ModuleSpec
+    settings: MHCSettings
+    kind: str
+    num_layers: int
+
+    def spec(self, layer_number: int) -> ModuleSpec:
+        """The layer spec for the 1-based global ``layer_number``."""
+        return hybrid_layer_spec(self.layer_spec, self.settings, self.kind, layer_number - 1, self.num_layers)
+
+    def __call__(self, *args, layer_number: int, **kwargs):
+        return build_module(self.spec(layer_number), *args, layer_number=layer_number, **kwargs)
+
+    def module_spec(self) -> ModuleSpec:
+        """The ``HybridStackSubmodules`` entry that builds through this builder."""
+        return ModuleSpec(module=BuildWithBuilder, params={"builder": self})
+
+
+class BuildWithBuilder:
+    """``ModuleSpec.module`` for a builder object: constructing it returns ``builder(*args, **kwargs)``.
+
+    megatron-core's ``build_module`` (0.19) calls only a class (or an object it imports from a
+    ``(module path, name)`` tuple) with the spec's params; a plain function it returns unbuilt and
+    an object in ``ModuleSpec.module`` it tries to import. So the entry is a class whose
+    construction is the builder's call, as megatron-core's own ``WrappedTorchNorm`` and ``TENorm``
+    choose what they build in ``__new__``; no instance of this class is ever made."""
+
+    def __new__(cls, *args, builder, **kwargs):
+        return builder(*args, **kwargs)
 
 
 def hybrid_layer_spec(layer_spec: ModuleSpec, settings: MHCSettings, kind: str, index: int, num_layers: int) -> ModuleSpec:

@@ -1,4 +1,4 @@
-"""Recompute of the mHC intermediates in blocks of sublayers (spec section 4).
+"""Recompute of the mHC intermediates in blocks of sublayers (docs/recompute.md).
 
 A block of L_r consecutive sublayers keeps only its first n-stream input ``x_{l0}``. Backward
 walks a block from its last sublayer; the first request rebuilds every input of the block,

@@ -14,8 +14,8 @@ from ..ops import (
     check_expansion_rate,
     check_iters,
 )
-from ..kernels._common import SUPPORTED_STREAMS as KERNEL_STREAMS  # torch only, no triton import
-from ..ops._backend import BACKENDS
+from ..kernels import SUPPORTED_STREAMS as KERNEL_STREAMS  # torch only, no triton import
+from ..ops import BACKENDS
 
 RESIDUAL_MODES = ("residual", "hc", "mhc")
 DEFAULT_EXPANSION_RATE = 4

@@ -27,7 +27,7 @@ from megatron.core.transformer.module import MegatronModule
 from megatron.core.transformer.spec_utils import ModuleSpec, build_module
 
 from .. import ops
-from ..ops._backend import choose
+from ..ops import choose_backend
 from .coefficients import MHCCoefficients
 from .recompute import BlockRecompute, RecomputeChain, recomputed
 from .profiling import region
@@ -152,7 +152,7 @@ class MHCSublayerInput(MegatronModule):
 
     def _uses_kernels(self, x: torch.Tensor) -> bool:
         """mHC with the Triton kernels chosen for this input (HC has none)."""
-        return isinstance(self.coefficients, MHCCoefficients) and choose(
+        return isinstance(self.coefficients, MHCCoefficients) and choose_backend(
             "mhc_sublayer", self.backend, x, n=self.n
         ) == "triton"
 

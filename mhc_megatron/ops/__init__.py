@@ -12,6 +12,8 @@ Everything a layer needs, with the spec's notation (``x`` is the n-stream residu
 * :func:`init_mhc_parameters` / :func:`init_hc_parameters`: initial parameters of one sublayer.
 """
 
+from ._backend import BACKENDS
+from ._backend import choose as choose_backend
 from ._checks import check_expansion_rate, check_iters
 from .coefficients import EPS_PLACEMENTS, hc_coefficients, mhc_coefficients, num_coefficients
 from .gain import amax_gain, composite_amax_gain, composite_mapping, gain_profile
@@ -27,6 +29,7 @@ from .sinkhorn import SINKHORN_ORDERS, sinkhorn_knopp
 from .streams import DROPOUT_PLACEMENTS, contract_streams, expand_streams, mhc_post_res, mhc_pre
 
 __all__ = [
+    "BACKENDS",
     "DEFAULT_ALPHA",
     "DROPOUT_PLACEMENTS",
     "EPS_PLACEMENTS",
@@ -36,6 +39,7 @@ __all__ = [
     "MHCParameters",
     "amax_gain",
     "check_expansion_rate",
+    "choose_backend",
     "check_iters",
     "composite_amax_gain",
     "composite_mapping",

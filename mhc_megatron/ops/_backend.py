@@ -12,12 +12,14 @@ import warnings
 
 import torch
 
+from ..kernels import SUPPORTED_STREAMS, unsupported_reason  # torch only, no triton import
+
 BACKENDS = ("auto", "reference", "triton")
 _warned: set[tuple[str, str]] = set()
 
 SUPPORTED = (
     "CUDA tensors (CPU tensors under TRITON_INTERPRET=1), float32/bfloat16/float16 activations, "
-    "n in (1, 2, 4, 8)"
+    f"n in {SUPPORTED_STREAMS}"
 )
 
 
@@ -29,8 +31,6 @@ def choose(op: str, backend: str, *tensors: torch.Tensor, n: int | None = None) 
         return "reference"
     if backend == "auto" and not any(t.is_cuda for t in tensors):
         return "reference"
-    from ..kernels._common import unsupported_reason
-
     reason = unsupported_reason(*tensors, n=n)
     if reason is None:
         return "triton"

@@ -13,7 +13,7 @@ import torch
 
 from ._backend import choose, reference_only
 from ._checks import check_iters, check_shape, check_streams, compute_dtype
-from ..kernels._common import num_coefficients  # noqa: F401 (re-exported: ops.num_coefficients)
+from ..kernels import num_coefficients  # noqa: F401 (re-exported: ops.num_coefficients)
 from .sinkhorn import check_sinkhorn_order, sinkhorn_knopp
 
 #: Where the epsilon of the coefficient RMS norm goes: ``rsqrt(mean(v^2) + eps)`` (ours, the
@@ -46,7 +46,7 @@ def mhc_coefficients(
     sinkhorn_order: str = "cols-first",
     eps_placement: str = "inside-sqrt",
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """mHC coefficients of the n-stream input ``x`` ``[..., n, C]`` (spec section 2).
+    """mHC coefficients of the n-stream input ``x`` ``[..., n, C]`` (docs/maths.md, "Coefficients").
 
     With ``v = vec(x)`` (length nC), ``r = sqrt(mean(v^2) + eps)`` and
     ``logits = alpha * (v @ phi) / r + bias``:

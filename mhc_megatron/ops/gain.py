@@ -1,4 +1,4 @@
-"""Stability diagnostics (spec section 6): Amax gain magnitudes of stream-mixing matrices."""
+"""Stability diagnostics (docs/maths.md, "Stability diagnostics"): Amax gain magnitudes of stream-mixing matrices."""
 
 from __future__ import annotations
 
@@ -55,7 +55,7 @@ def composite_amax_gain(
 
 def gain_profile(h_res_layers: Sequence[torch.Tensor]) -> dict:
     """Everything the stability reports print, as plain floats: the Amax gains of every layer
-    and of the composite mapping from the first layer to every depth (spec section 6)."""
+    and of the composite mapping from the first layer to every depth (docs/stability.md)."""
     layers = list(h_res_layers)
     if not layers:  # no mixing at all: a residual model
         return {

@@ -1,4 +1,4 @@
-"""Moving activations between the n-stream residual and the C-wide sublayer (spec section 1).
+"""Moving activations between the n-stream residual and the C-wide sublayer (docs/maths.md, "One layer").
 
 These are the pure PyTorch references: fp32 arithmetic, results in the activation dtype.
 """

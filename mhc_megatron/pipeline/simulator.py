@@ -61,7 +61,8 @@ class Simulation:
 
     @property
     def exposed_comm_fraction(self) -> float:
-        """Share of all ranks' time spent waiting on messages or blocked in sends."""
+        """Share of all ranks' time spent waiting on messages: in flight to the rank, or (1F1B and
+        interleaved) its own, until delivered."""
         return sum(e.comm_wait for e in self.events) / (self.makespan * self.num_ranks)
 
     def summary(self) -> dict:

@@ -6,7 +6,7 @@ import argparse
 
 from ..mcore.settings import CONTRACTIONS, DEFAULT_EXPANSION_RATE, RESIDUAL_MODES, InvalidSetting, MHCSettings
 from ..ops import DROPOUT_PLACEMENTS, EPS_PLACEMENTS, INIT_SCHEMES, SINKHORN_ORDERS
-from ..ops._backend import BACKENDS
+from ..ops import BACKENDS
 from .lr_schedule import parse_step_decay
 
 

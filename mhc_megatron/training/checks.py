@@ -51,7 +51,7 @@ def check_kernels_runnable(settings, *, cuda: bool | None = None) -> None:
     """``--mhc-kernels triton`` where the kernels cannot run would fail at the first mHC op."""
     if not (settings.enabled and settings.backend == "triton"):
         return
-    from ..kernels._common import interpreting, triton_available
+    from ..kernels import interpreting, triton_available
 
     if not triton_available():
         raise ValueError("--mhc-kernels triton: triton is not installed (pip install triton, or use "

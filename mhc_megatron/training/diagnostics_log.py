@@ -7,7 +7,7 @@ outside the pipeline schedule, so a collective there cannot deadlock), the pipel
 their layers' matrices and the rank that owns the writers logs
 
 - ``mhc/composite_forward_gain``, ``mhc/composite_backward_gain``: Amax gains of the product of
-  all layers' H_res (spec section 6), averaged over the recorded tokens;
+  all layers' H_res (docs/maths.md, "Stability diagnostics"), averaged over the recorded tokens;
 - ``mhc/max_single_forward_gain``, ``mhc/max_single_backward_gain``;
 - per sublayer ``mhc/sublayer_<i>/{forward_gain,backward_gain,diag_mean,min,max,col_sum_err}``
   (``col_sum_err``: max |column sum - 1|, how far Sinkhorn is from doubly stochastic).
