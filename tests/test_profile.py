@@ -165,11 +165,14 @@ def test_profile_of_a_launch_config_with_a_layer_override(tmp_path, capsys):
 
 
 @pytest.mark.parametrize("model,parallel,match", [
-    ("hybrid_layer_pattern: '*-*-'", "", r"hybrid_layer_pattern \*-\*- builds a HybridModel stack, which mhc-megatron "
-     "profile does not build yet .*drop the key from a copy of the config"),
+    ("mtp_num_layers: 1", "", "mtp_num_layers 1 builds multi-token prediction, which mhc-megatron profile does not "
+     "build yet .*drop the key from a copy of the config"),
+    ("hybrid_layer_pattern: '*M*-'", "", r"--hybrid-layer-pattern '\*M\*-': mHC wraps attention \('\*'\), MLP \('-'\) "
+     r"and MoE \('E'\) layers; the pattern has 'M' \(Mamba\)"),
     ("num_experts: 4, moe_shared_expert_intermediate_size: 32", "", "moe_shared_expert_intermediate_size 32 with "
      "linear biases: megatron-core's shared experts take no bias .*add disable_bias_linear: true"),
     ("num_experts: 4, moe_token_dispatcher_type: flex", "", "moe_token_dispatcher_type flex does not run in one process"),
+    ("hybrid_layer_pattern: '*E*-'", "", "hybrid_layer_pattern '\\*E\\*-' has MoE layers \\('E'\\) but no num_experts"),
     ("", "tensor_model_parallel_size: 2", "tensor_model_parallel_size 2 needs 2 processes; mhc-megatron profile runs one "
      "process: set tensor_model_parallel_size: 1 in a copy of the config"),
     ("num_experts: 4", "expert_model_parallel_size: 4", "expert_model_parallel_size 4 needs 4 processes; .*set "
@@ -227,3 +230,18 @@ def test_profile_of_an_mla_launch_builds_multi_latent_attention(tmp_path, capsys
         assert r["model"]["mla_parameters"] == 2 * per_layer
     assert report["not_reproduced"] == []
     assert "2 multi-latent attention layers" in capsys.readouterr().out
+
+
+def test_profile_of_a_hybrid_launch_builds_its_pattern(tmp_path, capsys):
+    """A pattern of attention, MoE and MLP layers: a HybridModel of exactly those layers, one mHC
+    sublayer each (4 pre-mixes per forward), the MoE layer with its experts."""
+    path, report = _profile_launch(tmp_path, "hybrid_layer_pattern: '*E*-', num_experts: 4, moe_ffn_hidden_size: 16, "
+                                   "disable_bias_linear: true")
+    for r in report["results"]:
+        built = r["model"]
+        assert built["class"] == "HybridModel" and built["layers"] == 4
+        assert built["moe_layers"] == 1 and built["experts_per_moe_layer"] == [4]
+        assert built["routed_expert_parameters"] == 4 * (32 * 16 + 16 * 32)
+    assert report["results"][1]["ranges_per_step"] == {"mhc.contract": 1, "mhc.expand": 1, "mhc.post_res": 4, "mhc.pre": 4}
+    assert report["not_reproduced"] == []
+    assert "built mhc: HybridModel" in capsys.readouterr().out

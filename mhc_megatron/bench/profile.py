@@ -45,6 +45,7 @@ class ProfileConfig:
     # further TransformerConfig fields (megatron-core names): the MoE / multi-latent attention
     # settings that ``--config`` takes from a launch (mhc_megatron.bench.profile_launch)
     transformer: dict = field(default_factory=dict)
+    hybrid_layer_pattern: str | None = None  # a HybridModel of these layers (*, -, E) instead of the GPT
 
     def validate(self) -> None:
         from ..mcore.settings import RESIDUAL_MODES
@@ -106,7 +107,8 @@ class _Trainer:
         settings = MHCSettings(mode=mode, expansion_rate=expansion_rate_for(mode, cfg.expansion_rate), recompute=cfg.recompute and mode != "residual")
         self.model = build_demo_model(settings, layers=cfg.layers, hidden=cfg.hidden, heads=cfg.heads,
                                       seq_len=cfg.seq_len, vocab_size=VOCAB_SIZE, seed=cfg.seed, device=device,
-                                      transformer=cfg.transformer)
+                                      transformer=cfg.transformer, model="hybrid" if cfg.hybrid_layer_pattern else "gpt",
+                                      hybrid_layer_pattern=cfg.hybrid_layer_pattern)
         self.opt = torch.optim.AdamW(self.model.parameters(), lr=1e-3)
         self.data = ByteBatches(cfg.seq_len, cfg.batch_size, cfg.seed)
         self.device = device
@@ -137,6 +139,7 @@ def describe_model(model) -> dict:
     moe = [m for m in model.modules() if isinstance(m, MoELayer)]
     mla = [m for m in model.modules() if isinstance(m, MultiLatentAttention)]
     return {
+        "class": type(model).__name__,
         "parameters": sum(p.numel() for p in model.parameters()),
         "layers": len(model.decoder.layers),
         "moe_layers": len(moe),

@@ -3,8 +3,9 @@
 The profile trains its own single-process megatron-core GPT (local modules, RMSNorm, GELU MLP,
 learned positions), so it takes from the launch what that model can reproduce (depth, width,
 heads, sequence, micro-batch, residual mode, n, mHC recompute; MoE layers; multi-latent
-attention), lists every other model key it does not reproduce, and refuses what would change the
-measured step beyond that (hybrid stacks, multi-token prediction, more than one process).
+attention; a hybrid layer pattern of attention, MLP and MoE layers, built as a HybridModel), lists
+every other model key it does not reproduce, and refuses what would change the measured step beyond
+that (multi-token prediction, other hybrid layers, more than one process).
 """
 
 from __future__ import annotations
@@ -42,7 +43,7 @@ MLA_CLI_DEFAULTS = {"q_lora_rank": None, "kv_lora_rank": 32, "qk_head_dim": 128,
 # becomes allgather (with one expert-parallel rank both route the same tokens to the same experts)
 ONE_PROCESS_DISPATCHERS = ("allgather", "alltoall")
 REFUSED = {  # launch key -> why the profile's model cannot stand in for it
-    "hybrid_layer_pattern": "a HybridModel stack", "mtp_num_layers": "multi-token prediction",
+    "mtp_num_layers": "multi-token prediction",
 }
 PARALLEL = ("tensor_model_parallel_size", "pipeline_model_parallel_size", "context_parallel_size",
             "expert_model_parallel_size")
@@ -60,6 +61,37 @@ def _moe_layer_freq(value, layers: int, path: str):
         raise ValueError(f"--config {path}: moe_layer_freq {value!r} names {len(freq)} layers, the profile builds "
                          f"{layers}: give --layers {len(freq)} or fewer")
     return list(freq[:layers])
+
+
+def _hybrid_pattern(cfg, mode: str, fields: dict) -> str:
+    """The launch's hybrid layer pattern, checked as mhc-pretrain-gpt checks it, without pipeline bars,
+    cut to the first --layers symbols when --layers profiles fewer layers."""
+    from ..mcore import MHCSettings
+    from ..mcore.hybrid import LOCAL_SYMBOLS, check_hybrid_pattern, main_pattern
+
+    given = cfg.get("hybrid_layer_pattern")
+    try:  # what mhc-pretrain-gpt refuses (Mamba, MTP in the pattern, --mhc-recompute), in its words
+        check_hybrid_pattern(given, MHCSettings(mode=mode, recompute=fields.get("recompute", False)))
+    except ValueError as err:
+        raise ValueError(f"--config {cfg.path}: {err}") from None
+    pattern = main_pattern(given)
+    other = sorted(set(pattern) - set(LOCAL_SYMBOLS))
+    if other:
+        raise ValueError(f"--config {cfg.path}: hybrid_layer_pattern {given!r} has {', '.join(map(repr, other))}; "
+                         f"mhc-megatron profile builds {', '.join(map(repr, LOCAL_SYMBOLS))} layers (local modules): "
+                         "profile the real run instead")
+    if "E" in pattern and not cfg.get("num_experts"):
+        raise ValueError(f"--config {cfg.path}: hybrid_layer_pattern {given!r} has MoE layers ('E') but no num_experts")
+    if cfg.get("multi_latent_attention"):
+        raise ValueError(f"--config {cfg.path}: hybrid_layer_pattern with multi_latent_attention: mhc-megatron "
+                         "profile's hybrid stack has no MLA layers; drop one of the two in a copy of the config")
+    layers = fields.get("layers")  # given on the command line (the launch's num_layers is the pattern's)
+    if layers is not None and layers != cfg.get("num_layers"):
+        if layers > len(pattern):
+            raise ValueError(f"--config {cfg.path}: --layers {layers} with hybrid_layer_pattern {given!r} of "
+                             f"{len(pattern)} layers: give --layers {len(pattern)} or fewer")
+        pattern = pattern[:layers]
+    return pattern
 
 
 def transformer_fields(cfg, layers: int, device: str) -> tuple[dict, list[str]]:
@@ -121,8 +153,13 @@ def profile_config_from_launch(path: str, overrides: dict, device: str = "auto")
     fields = {field: cfg.get(key) for key, field in TAKEN.items() if cfg.get(key) is not None}
     fields["recompute"] = bool(cfg.get("mhc_recompute", False))
     fields.update({k: v for k, v in overrides.items() if v is not None})
+    taken = []
+    if cfg.get("hybrid_layer_pattern"):
+        fields["hybrid_layer_pattern"] = _hybrid_pattern(cfg, mode, fields)
+        fields["layers"], taken = len(fields["hybrid_layer_pattern"]), ["hybrid_layer_pattern", "num_layers"]
     layers = fields.get("layers", ProfileConfig.layers)
-    fields["transformer"], taken = transformer_fields(cfg, layers, resolve_device(device).type)
+    fields["transformer"], more = transformer_fields(cfg, layers, resolve_device(device).type)
+    taken += more
     with open(path) as f:
         sections = yaml.safe_load(f)
     model_keys = {k for s in ("model", "mhc") for k in (sections.get(s) or {})}

@@ -26,8 +26,8 @@ def add_parser(sub) -> None:
     )
     p.add_argument("--config", metavar="YAML", help="take the model from a launch config (mhc-megatron "
                    "validate-config's format): depth, width, heads, sequence, micro-batch, residual mode, n, mHC "
-                   "recompute, MoE layers, multi-latent attention; the flags below override it; hybrid stacks, MTP and "
-                   "more than one process are refused")
+                   "recompute, MoE layers, multi-latent attention, a hybrid layer pattern of '*', '-', 'E'; the flags "
+                   "below override it; MTP, other hybrid layers and more than one process are refused")
     p.add_argument("--modes", default=None, help=f"comma-separated, residual first (default {','.join(d.modes)}; "
                    "with --config: residual and the config's residual_mode)")
     for name in ("layers", "hidden", "heads", "seq_len", "batch_size", "expansion_rate", "steps", "warmup", "profile_steps"):
@@ -89,7 +89,7 @@ def run(args) -> int:
 
 def describe(model: dict) -> str:
     """One line of what the built model holds (counted from its modules)."""
-    parts = [f"{model['parameters']:,} parameters, {model['layers']} layers"]
+    parts = [f"{model['class']}, {model['parameters']:,} parameters, {model['layers']} layers"]
     if model["moe_layers"]:
         experts = "/".join(str(e) for e in model["experts_per_moe_layer"])
         parts.append(f"{model['moe_layers']} MoE layers of {experts} experts"
