@@ -202,7 +202,7 @@ def test_profile_of_an_moe_launch_builds_its_experts(tmp_path, capsys):
     path, report = _profile_launch(
         tmp_path, "num_experts: 4, moe_router_topk: 2, moe_ffn_hidden_size: 16, moe_shared_expert_intermediate_size: 32, "
         "moe_layer_freq: '([0]+[1]*3)', moe_token_dispatcher_type: alltoall, moe_grouped_gemm: true, "
-        "disable_bias_linear: true", "--layers", "2")
+        "disable_bias_linear: true, normalization: RMSNorm", "--layers", "2")
     residual, mhc = (r["model"] for r in report["results"])
     for built in (residual, mhc):
         assert built["layers"] == 2 and built["moe_layers"] == 1 and built["experts_per_moe_layer"] == [4]

@@ -42,6 +42,7 @@ MLA_CLI_DEFAULTS = {"q_lora_rank": None, "kv_lora_rank": 32, "qk_head_dim": 128,
 # dispatchers that run in one process; alltoall creates a CUDA stream at build, so on the CPU it
 # becomes allgather (with one expert-parallel rank both route the same tokens to the same experts)
 ONE_PROCESS_DISPATCHERS = ("allgather", "alltoall")
+BUILT = {"normalization": "RMSNorm"}  # launch values the profile's model has anyway (and mHC's defaults)
 REFUSED = {  # launch key -> why the profile's model cannot stand in for it
     "mtp_num_layers": "multi-token prediction",
 }
@@ -163,8 +164,12 @@ def profile_config_from_launch(path: str, overrides: dict, device: str = "auto")
     with open(path) as f:
         sections = yaml.safe_load(f)
     model_keys = {k for s in ("model", "mhc") for k in (sections.get(s) or {})}
-    not_reproduced = sorted(model_keys - set(TAKEN) - set(taken) - {"residual_mode", "mhc_recompute",
-                                                                    "max_position_embeddings"})
+    from ..mcore import MHCSettings
+
+    built = {**BUILT, "mhc_sinkhorn_iters": MHCSettings.sinkhorn_iters, "mhc_alpha_init": MHCSettings.alpha_init}
+    built_as_given = {k for k, v in built.items() if cfg.get(k) == v}
+    not_reproduced = sorted(model_keys - set(TAKEN) - set(taken) - built_as_given
+                            - {"residual_mode", "mhc_recompute", "max_position_embeddings"})
     notes = [f"{k}: {cfg.flags[k]}" for k in not_reproduced if cfg.flags.get(k) not in (None, False)]
     dispatcher = cfg.get("moe_token_dispatcher_type")
     if dispatcher != fields["transformer"].get("moe_token_dispatcher_type", dispatcher):
