@@ -162,6 +162,13 @@ HOOKS: tuple[Hook, ...] = (
         "explicitly", "0.19.0", _cuda_device_is_meta, when="mhc-megatron validate-config, during the build",
     ),
     Hook(
+        "cpu-model-device", "torch.cuda:current_device",
+        "answers 'cpu' while mhc-megatron profile builds and trains an MoE or MLA model on the CPU",
+        "the MoE router and MLA's rotary embedding move their tensors to torch.cuda.current_device() "
+        "explicitly (at build and in the forward)", "0.19.0", _cuda_device_is_cpu,
+        when="mhc-megatron profile --device cpu of an MoE or MLA model",
+    ),
+    Hook(
         "checkpoint-io-sync", "torch.cuda:synchronize",
         "does nothing while mhc-megatron convert-checkpoint reads and writes a checkpoint",
         "megatron-core's checkpoint writer synchronises the CUDA device unconditionally; the converter "

@@ -77,6 +77,26 @@ def test_checkout_without_megatron_is_named(tmp_path):
     assert f"mhc-pretrain-gpt: error: --megatron-lm {tmp_path}: no megatron/core package there" in out.stderr
 
 
+@pytest.mark.parametrize("script,extra", [("pretrain_gpt.py", []), ("pretrain_hybrid.py", ["--hybrid-layer-pattern", "*-"])])
+def test_checkout_without_pretrain_gpt_is_refused_before_megatron_is_imported(tmp_path, script, extra):
+    """A tree with megatron/ but without the entry script (a wheel's site-packages, a sub-directory of
+    the checkout) is refused by the console entry, naming the flag, the path and the fix, before
+    the checkout's (here: failing) megatron is imported."""
+    root = fake_checkout(tmp_path / "Megatron-LM")
+    (root / "megatron" / "core" / "__init__.py").write_text("raise SystemExit('imported')\n")
+    if script == "pretrain_gpt.py":
+        (root / script).unlink()
+    else:  # the GPT script is there, the hybrid one is what the pattern needs
+        (root / "pretrain_gpt.py").write_text("raise SystemExit('wrong script')\n")
+    out = subprocess.run([*ENTRIES["console-script"], "--megatron-lm", str(root), "--num-layers", "2", *extra],
+                         capture_output=True, text=True, timeout=120, env=dict(os.environ, PYTHONWARNINGS="ignore"))
+    assert out.returncode == 2, out.stdout + out.stderr
+    assert out.stdout == ""  # refused before the launch log line, i.e. before use_checkout
+    assert out.stderr.startswith(f"mhc-pretrain-gpt: error: --megatron-lm {root}: no {script} there; give the root "
+                                 f"of a Megatron-LM checkout (the directory holding {script} and megatron/"), out.stderr
+    assert "or drop --megatron-lm (and unset $MEGATRON_LM) to run the built-in entry" in out.stderr
+
+
 def test_megatron_imported_already_is_refused(tmp_path):
     """In-process callers that imported the wheel's megatron cannot switch to a checkout."""
     import megatron.core  # noqa: F401  (the wheel's)

@@ -164,16 +164,84 @@ def test_profile_of_a_launch_config_with_a_layer_override(tmp_path, capsys):
     assert report["results"][1]["overhead_percent"] is not None and report["not_reproduced"] == ["swiglu: True"]
 
 
-@pytest.mark.parametrize("extra,match", [
-    ("model", "num_experts 8 builds MoE layers, which mhc-megatron profile does not build yet"),
-    ("parallel", "tensor_model_parallel_size 2 needs more than one process; mhc-megatron profile runs one process"),
+@pytest.mark.parametrize("model,parallel,match", [
+    ("mtp_num_layers: 1", "", "mtp_num_layers 1 builds multi-token prediction, which mhc-megatron profile does not "
+     "build yet .*drop the key from a copy of the config"),
+    ("hybrid_layer_pattern: '*M*-'", "", r"--hybrid-layer-pattern '\*M\*-': mHC wraps attention \('\*'\), MLP \('-'\) "
+     r"and MoE \('E'\) layers; the pattern has 'M' \(Mamba\)"),
+    ("num_experts: 4, moe_shared_expert_intermediate_size: 32", "", "moe_shared_expert_intermediate_size 32 with "
+     "linear biases: megatron-core's shared experts take no bias .*add disable_bias_linear: true"),
+    ("num_experts: 4, moe_token_dispatcher_type: flex", "", "moe_token_dispatcher_type flex does not run in one process"),
+    ("hybrid_layer_pattern: '*E*-'", "", "hybrid_layer_pattern '\\*E\\*-' has MoE layers \\('E'\\) but no num_experts"),
+    ("", "tensor_model_parallel_size: 2", "tensor_model_parallel_size 2 needs 2 processes; mhc-megatron profile runs one "
+     "process: set tensor_model_parallel_size: 1 in a copy of the config"),
+    ("num_experts: 4", "expert_model_parallel_size: 4", "expert_model_parallel_size 4 needs 4 processes; .*set "
+     "expert_model_parallel_size: 1 in a copy of the config"),
 ])
-def test_profile_refuses_what_its_model_cannot_stand_in_for(tmp_path, extra, match):
+def test_profile_refuses_what_its_model_cannot_stand_in_for(tmp_path, model, parallel, match):
     from mhc_megatron.bench.profile_launch import profile_config_from_launch
 
-    text = (TINY_LAUNCH.replace("swiglu: true}", "swiglu: true, num_experts: 8}") if extra == "model"
-            else TINY_LAUNCH + "parallel: {tensor_model_parallel_size: 2}\n")
+    text = TINY_LAUNCH.replace("swiglu: true}", f"swiglu: true, {model}}}") if model else TINY_LAUNCH
     path = tmp_path / "launch.yaml"
-    path.write_text(text)
-    with pytest.raises(ValueError, match=match):
+    path.write_text(text + (f"parallel: {{{parallel}}}\n" if parallel else ""))
+    with pytest.raises(ValueError, match=f"^--config {path}: {match}"):
         profile_config_from_launch(str(path), {})
+
+
+def _profile_launch(tmp_path, model: str, *flags: str) -> tuple[str, dict]:
+    path = tmp_path / "launch.yaml"
+    path.write_text(TINY_LAUNCH.replace("swiglu: true}", f"{model}}}"))
+    assert cli_main(["profile", "--config", str(path), "--steps", "1", "--warmup", "0", "--profile-steps", "1",
+                     "--device", "cpu", "--out", str(tmp_path / "out"), *flags]) == 0
+    return str(path), json.loads((tmp_path / "out" / "profile.json").read_text())
+
+
+def test_profile_of_an_moe_launch_builds_its_experts(tmp_path, capsys):
+    """Routed and shared experts as the launch says, counted in the built models; the 4-layer
+    moe_layer_freq cut to the 2 layers profiled; one process (alltoall becomes allgather on the CPU)."""
+    path, report = _profile_launch(
+        tmp_path, "num_experts: 4, moe_router_topk: 2, moe_ffn_hidden_size: 16, moe_shared_expert_intermediate_size: 32, "
+        "moe_layer_freq: '([0]+[1]*3)', moe_token_dispatcher_type: alltoall, moe_grouped_gemm: true, "
+        "disable_bias_linear: true, normalization: RMSNorm", "--layers", "2")
+    residual, mhc = (r["model"] for r in report["results"])
+    for built in (residual, mhc):
+        assert built["layers"] == 2 and built["moe_layers"] == 1 and built["experts_per_moe_layer"] == [4]
+        assert built["shared_experts"] == 1 and built["mla_layers"] == 0
+        assert built["routed_expert_parameters"] == 4 * (32 * 16 + 16 * 32)  # fc1 + fc2 per expert, no bias
+    assert mhc["parameters"] > residual["parameters"]  # the same model plus the mHC coefficients
+    assert report["config"]["transformer"]["moe_layer_freq"] == [0, 1]
+    assert report["not_reproduced"] == ["moe_grouped_gemm: True", "moe_token_dispatcher_type: alltoall (allgather on "
+                                        "the CPU: alltoall needs a CUDA stream; one expert-parallel rank routes the same)"]
+    out = capsys.readouterr().out
+    assert "built mhc: " in out and "2 layers, 1 MoE layers of 4 experts + a shared expert in 1" in out
+    assert report["results"][1]["ranges_per_step"]["mhc.pre"] == 4  # 2 layers x (attention, MoE) sublayers
+
+
+def test_profile_of_an_mla_launch_builds_multi_latent_attention(tmp_path, capsys):
+    path, report = _profile_launch(tmp_path, "multi_latent_attention: true, kv_lora_rank: 16, qk_head_dim: 8, "
+                                   "qk_pos_emb_head_dim: 8, v_head_dim: 8, rope_type: rope", "--layers", "2")
+    heads, hidden, qk, pos, v, kv_rank = 2, 32, 8, 8, 8, 16
+    per_layer = (hidden * heads * (qk + pos)  # linear_q_proj (no q_lora_rank: no query compression)
+                 + hidden * (kv_rank + pos)  # linear_kv_down_proj: the latent and the shared RoPE key
+                 + kv_rank * heads * (qk + v)  # linear_kv_up_proj
+                 + heads * v * hidden + hidden)  # linear_proj and its bias (a dense GPT: 4 * 32 * 32 + 3 * 32 + 32)
+    for r in report["results"]:
+        assert r["model"]["mla_layers"] == 2 and r["model"]["moe_layers"] == 0
+        assert r["model"]["mla_parameters"] == 2 * per_layer
+    assert report["not_reproduced"] == []
+    assert "2 multi-latent attention layers" in capsys.readouterr().out
+
+
+def test_profile_of_a_hybrid_launch_builds_its_pattern(tmp_path, capsys):
+    """A pattern of attention, MoE and MLP layers: a HybridModel of exactly those layers, one mHC
+    sublayer each (4 pre-mixes per forward), the MoE layer with its experts."""
+    path, report = _profile_launch(tmp_path, "hybrid_layer_pattern: '*E*-', num_experts: 4, moe_ffn_hidden_size: 16, "
+                                   "disable_bias_linear: true")
+    for r in report["results"]:
+        built = r["model"]
+        assert built["class"] == "HybridModel" and built["layers"] == 4
+        assert built["moe_layers"] == 1 and built["experts_per_moe_layer"] == [4]
+        assert built["routed_expert_parameters"] == 4 * (32 * 16 + 16 * 32)
+    assert report["results"][1]["ranges_per_step"] == {"mhc.contract": 1, "mhc.expand": 1, "mhc.post_res": 4, "mhc.pre": 4}
+    assert report["not_reproduced"] == []
+    assert "built mhc: HybridModel" in capsys.readouterr().out

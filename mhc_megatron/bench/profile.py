@@ -42,6 +42,10 @@ class ProfileConfig:
     recompute: bool = False
     device: str = "auto"
     seed: int = 0
+    # further TransformerConfig fields (megatron-core names): the MoE / multi-latent attention
+    # settings that ``--config`` takes from a launch (mhc_megatron.bench.profile_launch)
+    transformer: dict = field(default_factory=dict)
+    hybrid_layer_pattern: str | None = None  # a HybridModel of these layers (*, -, E) instead of the GPT
 
     def validate(self) -> None:
         from ..mcore.settings import RESIDUAL_MODES
@@ -51,7 +55,7 @@ class ProfileConfig:
                 raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
         if self.warmup < 0:
             raise ValueError(f"--warmup must be >= 0, got {self.warmup}")
-        if self.hidden % self.heads:
+        if self.hidden % self.heads and not self.transformer.get("multi_latent_attention"):
             raise ValueError(f"--hidden {self.hidden} must be divisible by --heads {self.heads}")
         if "residual" not in self.modes or len(self.modes) < 2:
             raise ValueError(f"--modes needs 'residual' (the baseline) and hc and/or mhc, got {','.join(self.modes)}")
@@ -72,6 +76,7 @@ class ModeProfile:
     breakdown: dict[str, float] = field(default_factory=dict)  # seconds per profiled step
     ranges_per_step: dict[str, float] = field(default_factory=dict)  # mhc.* ranges entered in forward
     tokens_per_step: int = 0
+    model: dict = field(default_factory=dict)  # what was built: parameters, MoE and MLA layers
 
     @property
     def median(self) -> float:
@@ -86,6 +91,7 @@ class ModeProfile:
             "overhead_percent": None if baseline is None else round(100 * (self.median / baseline - 1), 2),
             "breakdown_ms": {k: round(1e3 * v, 3) for k, v in self.breakdown.items()},
             "ranges_per_step": self.ranges_per_step,
+            "model": self.model,
         }
 
 
@@ -100,11 +106,13 @@ class _Trainer:
 
         settings = MHCSettings(mode=mode, expansion_rate=expansion_rate_for(mode, cfg.expansion_rate), recompute=cfg.recompute and mode != "residual")
         self.model = build_demo_model(settings, layers=cfg.layers, hidden=cfg.hidden, heads=cfg.heads,
-                                      seq_len=cfg.seq_len, vocab_size=VOCAB_SIZE, seed=cfg.seed, device=device)
+                                      seq_len=cfg.seq_len, vocab_size=VOCAB_SIZE, seed=cfg.seed, device=device,
+                                      transformer=cfg.transformer, model="hybrid" if cfg.hybrid_layer_pattern else "gpt",
+                                      hybrid_layer_pattern=cfg.hybrid_layer_pattern)
         self.opt = torch.optim.AdamW(self.model.parameters(), lr=1e-3)
         self.data = ByteBatches(cfg.seq_len, cfg.batch_size, cfg.seed)
         self.device = device
-        self.result = ModeProfile(mode, tokens_per_step=cfg.seq_len * cfg.batch_size)
+        self.result = ModeProfile(mode, tokens_per_step=cfg.seq_len * cfg.batch_size, model=describe_model(self.model))
 
     def step(self) -> None:
         tokens, labels = (t.to(self.device) for t in self.data.next_train())
@@ -120,6 +128,28 @@ class _Trainer:
         self.step()
         _sync(self.device)
         return time.perf_counter() - start
+
+
+def describe_model(model) -> dict:
+    """What a built model holds, counted from its modules: parameters, MoE layers and their
+    experts (routed, and whether a shared expert is there), multi-latent attention layers."""
+    from megatron.core.transformer.moe.moe_layer import MoELayer
+    from megatron.core.transformer.multi_latent_attention import MultiLatentAttention
+
+    moe = [m for m in model.modules() if isinstance(m, MoELayer)]
+    mla = [m for m in model.modules() if isinstance(m, MultiLatentAttention)]
+    return {
+        "class": type(model).__name__,
+        "parameters": sum(p.numel() for p in model.parameters()),
+        "layers": len(model.decoder.layers),
+        "moe_layers": len(moe),
+        "experts_per_moe_layer": sorted({len(m.experts.local_experts) if hasattr(m.experts, "local_experts")
+                                         else m.experts.num_local_experts for m in moe}),
+        "shared_experts": sum(getattr(m, "shared_experts", None) is not None for m in moe),
+        "routed_expert_parameters": sum(p.numel() for m in moe for p in m.experts.parameters()),
+        "mla_layers": len(mla),
+        "mla_parameters": sum(p.numel() for m in mla for p in m.parameters()),
+    }
 
 
 def _sync(device: torch.device) -> None:
@@ -188,11 +218,22 @@ def count_ranges(events, steps: int) -> dict[str, float]:
 
 def run_profile(cfg: ProfileConfig, out_dir: str | None = None, progress=None) -> dict:
     from ..demo.model import init_single_process
-    from ..mcore.profiling import profiling_regions
 
     cfg.validate()
     device = cfg.resolve_device()
     init_single_process(device)
+    if device.type == "cpu" and any(cfg.transformer.get(k) for k in ("num_moe_experts", "multi_latent_attention")):
+        # the MoE router and MLA's rotary embedding put tensors on torch.cuda.current_device()
+        from .. import hooks
+
+        with hooks.active("cpu-model-device"):
+            return _run_profile(cfg, device, out_dir, progress)
+    return _run_profile(cfg, device, out_dir, progress)
+
+
+def _run_profile(cfg: ProfileConfig, device: torch.device, out_dir: str | None, progress) -> dict:
+    from ..mcore.profiling import profiling_regions
+
     trainers = [_Trainer(mode, cfg, device) for mode in cfg.modes]
     for i in range(cfg.warmup + cfg.steps):  # alternate: one step of each mode in turn
         for t in trainers:

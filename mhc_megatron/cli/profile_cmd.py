@@ -26,7 +26,8 @@ def add_parser(sub) -> None:
     )
     p.add_argument("--config", metavar="YAML", help="take the model from a launch config (mhc-megatron "
                    "validate-config's format): depth, width, heads, sequence, micro-batch, residual mode, n, mHC "
-                   "recompute; the flags below override it; MoE, MLA, hybrid stacks and more than one process are refused")
+                   "recompute, MoE layers, multi-latent attention, a hybrid layer pattern of '*', '-', 'E'; the flags "
+                   "below override it; MTP, other hybrid layers and more than one process are refused")
     p.add_argument("--modes", default=None, help=f"comma-separated, residual first (default {','.join(d.modes)}; "
                    "with --config: residual and the config's residual_mode)")
     for name in ("layers", "hidden", "heads", "seq_len", "batch_size", "expansion_rate", "steps", "warmup", "profile_steps"):
@@ -52,7 +53,7 @@ def run(args) -> int:
     if args.config:
         from ..bench.profile_launch import profile_config_from_launch
 
-        cfg, notes = profile_config_from_launch(args.config, given)
+        cfg, notes = profile_config_from_launch(args.config, given, args.device)
     else:
         cfg = ProfileConfig(**{k: v for k, v in given.items() if v is not None})
     cfg = dataclasses.replace(cfg, device=args.device)
@@ -70,6 +71,8 @@ def run(args) -> int:
         print(f"model of {args.config} (one process, megatron-core local spec, GELU MLP, RMSNorm)")
         if notes:
             print(f"not reproduced from the config: {'; '.join(notes)}")
+        for r in report["results"]:
+            print(f"built {r['mode']}: {describe(r['model'])}")
     print(f"device {report['device']}: {c['layers']} layers, hidden {c['hidden']}, seq {c['seq_len']} x batch "
           f"{c['batch_size']}, n = {c['expansion_rate']}; {c['steps']} timed steps after {c['warmup']} warm-up, "
           f"alternating\n")
@@ -82,3 +85,15 @@ def run(args) -> int:
     print(f"\n(ms per step; breakdown from torch.profiler over {c['profile_steps']} steps)")
     print(f"traces: {', '.join(report['traces'].values())}; plot: {report['plot']}")
     return 0
+
+
+def describe(model: dict) -> str:
+    """One line of what the built model holds (counted from its modules)."""
+    parts = [f"{model['class']}, {model['parameters']:,} parameters, {model['layers']} layers"]
+    if model["moe_layers"]:
+        experts = "/".join(str(e) for e in model["experts_per_moe_layer"])
+        parts.append(f"{model['moe_layers']} MoE layers of {experts} experts"
+                     + (f" + a shared expert in {model['shared_experts']}" if model["shared_experts"] else ""))
+    if model["mla_layers"]:
+        parts.append(f"{model['mla_layers']} multi-latent attention layers")
+    return ", ".join(parts)

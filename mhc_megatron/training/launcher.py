@@ -245,7 +245,11 @@ def _checkout_script(path: str, megatron_argv: list[str]) -> str:
     name = "pretrain_hybrid.py" if "--hybrid-layer-pattern" in megatron_argv else "pretrain_gpt.py"
     script = os.path.join(path, name)
     if not os.path.isfile(script):
-        raise ValueError(f"--megatron-lm {path}: no {name} there")
+        where = "there" if os.path.isdir(path) else "there (no such directory)"
+        raise ValueError(f"--megatron-lm {path}: no {name} {where}; give the root of a Megatron-LM checkout "
+                         f"(the directory holding {name} and megatron/, e.g. from git clone "
+                         "https://github.com/NVIDIA/Megatron-LM), or drop --megatron-lm (and unset $MEGATRON_LM) "
+                         "to run the built-in entry")
     return script
 
 
