@@ -295,9 +295,10 @@ def _patch_megatron_core() -> None:
     here = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     if here not in sys.path:
         sys.path.insert(0, here)
-    from mcore_helpers import cpu_redirections
+    from mcore_helpers import cpu_redirected
 
-    cpu_redirections()
+    # a launched process is redirected for its whole life (install() is its first statement)
+    cpu_redirected().__enter__()
     _sequence_parallel_torch_norm()
     _portable_mla_core_attention()
     _forbid_shape_handshakes()
