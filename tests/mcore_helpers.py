@@ -206,14 +206,17 @@ def lm_loss(model, batch) -> torch.Tensor:
 
 
 def full_gradients(model) -> dict[str, torch.Tensor]:
-    """Gradients of every parameter, gathered over tensor-parallel ranks to the full tensor."""
+    """Gradients of every parameter, gathered over tensor-parallel ranks to the full tensor
+    (``main_grad`` where Megatron's ``DistributedDataParallel`` keeps them)."""
     from megatron.core import parallel_state
 
     group = parallel_state.get_tensor_model_parallel_group()
     tp = parallel_state.get_tensor_model_parallel_world_size()
     out = {}
     for name, p in model.named_parameters():
-        g = p.grad if p.grad is not None else torch.zeros_like(p)
+        g = getattr(p, "main_grad", None)
+        if g is None:
+            g = p.grad if p.grad is not None else torch.zeros_like(p)
         if getattr(p, "tensor_model_parallel", False) and tp > 1:
             parts = [torch.empty_like(g) for _ in range(tp)]
             dist.all_gather(parts, g.contiguous(), group=group)
