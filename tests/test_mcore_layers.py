@@ -160,8 +160,8 @@ def test_mhc_model_computes_the_mhc_maths(n):
     x_0 = n copies of the embedding; per sublayer
     x_{l+1} = H_res x_l + H_post^T (F(norm(H_pre x_l)) + bias); exit: final norm of the stream
     mean. The coefficient parameters are moved far from their initial values first (uneven,
-    asymmetric H_res, H_pre and H_post away from 1/n and 1) so that no shortcut of the initial
-    state passes."""
+    asymmetric H_res, H_pre and H_post away from 1/n and 1), and the linear biases from 0, so
+    that no shortcut of the initial state passes."""
     s = settings("mhc", n=n)
     model = _gpt_from_megatron_spec(tiny_config(), s)
     g = torch.Generator().manual_seed(7)
@@ -171,6 +171,9 @@ def test_mhc_model_computes_the_mhc_maths(n):
                 m.alpha.copy_(torch.tensor([0.7, 0.9, 1.3]))
                 m.bias.add_(torch.randn(m.bias.shape, generator=g))
                 m.phi.mul_(2.0)
+        for name, p in model.named_parameters():  # Megatron starts its linear biases at 0
+            if name.endswith(".bias") and ".coefficients." not in name:
+                p.add_(0.1 * torch.randn(p.shape, generator=g))
     tokens, positions, _ = make_batch()
     mask = _causal_mask()
     with torch.no_grad():
