@@ -82,3 +82,28 @@ def test_nothing_leaked_from_earlier_tests():
     """Run after other tests of the session (e.g. after tests/test_mcore_layers.py, whose tests
     use ``megatron_world``): no redirection outlives its test."""
     _same(PRISTINE, _snapshot(redirected_attributes() + _schedules_attributes() + _CUDA))
+
+
+def test_launched_process_stays_redirected(tmp_path):
+    """The real-loop shim (tests/functional/cpu_shim.py) enters ``cpu_redirected`` for the rest of
+    its process: the redirections survive garbage collection (an unreferenced generator context
+    would be closed, restoring the originals)."""
+    import os
+    import subprocess
+    import sys
+
+    tests = os.path.dirname(os.path.abspath(__file__))
+    script = tmp_path / "shim.py"
+    script.write_text(
+        "import gc, sys\n"
+        f"sys.path[:0] = [{os.path.join(tests, 'functional')!r}, {tests!r}]\n"
+        "import cpu_shim\n"
+        "from megatron.core import utils\n"
+        "original = utils.GlobalMemoryBuffer.get_tensor\n"
+        "cpu_shim.install()\n"
+        "gc.collect()\n"
+        "assert utils.GlobalMemoryBuffer.get_tensor is not original, 'the shim lost its redirections'\n"
+    )
+    out = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=300,
+                         env={**os.environ, "PYTHONWARNINGS": "ignore"})
+    assert out.returncode == 0, out.stderr[-3000:]

@@ -297,8 +297,11 @@ def _patch_megatron_core() -> None:
         sys.path.insert(0, here)
     from mcore_helpers import cpu_redirected
 
-    # a launched process is redirected for its whole life (install() is its first statement)
-    cpu_redirected().__enter__()
+    # a launched process is redirected for its whole life (install() is its first statement); the
+    # context is kept referenced: a collected generator context would restore the originals
+    global _REDIRECTED
+    _REDIRECTED = cpu_redirected()
+    _REDIRECTED.__enter__()
     _sequence_parallel_torch_norm()
     _portable_mla_core_attention()
     _forbid_shape_handshakes()
@@ -306,6 +309,7 @@ def _patch_megatron_core() -> None:
 
 
 _MODE: CudaToCpu | None = None
+_REDIRECTED = None  # mcore_helpers.cpu_redirected(), entered for the process's life
 
 
 def install() -> None:
