@@ -144,7 +144,7 @@ def _coefficients_by_hand(x, coefficients, s):
     """H_pre, H_post, H_res of the n-stream residual ``x`` [s, b, n, C] from the module's own
     phi, bias and alpha: r = sqrt(mean(v^2) + eps), logits = alpha * (v phi) / r + bias."""
     n = x.shape[-2]
-    phi, bias, alpha = (t.detach().double() for t in (coefficients.phi, coefficients.bias, coefficients.alpha))
+    phi, bias, alpha = (t.double() for t in (coefficients.phi, coefficients.bias, coefficients.alpha))
     v = x.flatten(-2)
     proj = (v @ phi) / (v.square().mean(-1, keepdim=True) + s.coeff_eps).sqrt()
     pre = alpha[0] * proj[..., :n] + bias[:n]
@@ -159,7 +159,7 @@ def test_mhc_model_computes_the_mhc_maths(n):
     residual maths), with Megatron's own attention/MLP/norm modules as the sublayer functions F:
     x_0 = n copies of the embedding; per sublayer
     x_{l+1} = H_res x_l + H_post^T (F(norm(H_pre x_l)) + bias); exit: final norm of the stream
-    mean. The coefficient parameters are moved far from their initial values first (uneven,
+    mean; forward and every parameter's gradient. The coefficient parameters are moved far from their initial values first (uneven,
     asymmetric H_res, H_pre and H_post away from 1/n and 1), and the linear biases from 0, so
     that no shortcut of the initial state passes."""
     s = settings("mhc", n=n)
@@ -176,30 +176,40 @@ def test_mhc_model_computes_the_mhc_maths(n):
                 p.add_(0.1 * torch.randn(p.shape, generator=g))
     tokens, positions, _ = make_batch()
     mask = _causal_mask()
-    with torch.no_grad():
-        got = model(tokens, positions, mask)  # [b, s, V]
+    got = model(tokens, positions, mask)  # [b, s, V]
 
-        h = model.embedding(input_ids=tokens, position_ids=positions)  # [s, b, C]
-        x = h.double().unsqueeze(-2).expand(*h.shape[:-1], n, h.shape[-1])
-        res_seen = []
-        for layer in model.decoder.layers:
-            for slot, sublayer in ((layer.input_layernorm, lambda u: layer.self_attention(u, attention_mask=mask)),
-                                   (layer.pre_mlp_layernorm, layer.mlp)):
-                h_pre, h_post, h_res = _coefficients_by_hand(x, slot.coefficients, s)
-                res_seen.append(h_res)
-                u = torch.einsum("sbj,sbjc->sbc", h_pre, x)
-                f, f_bias = sublayer(slot.norm(u.float()))
-                f = f.double() + (f_bias.double() if f_bias is not None else 0.0)
-                x = torch.einsum("sbij,sbjc->sbic", h_res, x) + h_post.unsqueeze(-1) * f.unsqueeze(-2)
-        hidden = model.decoder.final_layernorm.norm(x.mean(-2).float())
-        tied = model.shared_embedding_or_output_weight() if model.share_embeddings_and_output_weights else None
-        want, _ = model.output_layer(hidden, weight=tied)
-        want = want.transpose(0, 1)
+    h = model.embedding(input_ids=tokens, position_ids=positions)  # [s, b, C]
+    x = h.double().unsqueeze(-2).expand(*h.shape[:-1], n, h.shape[-1])
+    res_seen = []
+    for layer in model.decoder.layers:
+        for slot, sublayer in ((layer.input_layernorm, lambda u: layer.self_attention(u, attention_mask=mask)),
+                               (layer.pre_mlp_layernorm, layer.mlp)):
+            h_pre, h_post, h_res = _coefficients_by_hand(x, slot.coefficients, s)
+            res_seen.append(h_res.detach())
+            u = torch.einsum("sbj,sbjc->sbc", h_pre, x)
+            f, f_bias = sublayer(slot.norm(u.float()))
+            f = f.double() + (f_bias.double() if f_bias is not None else 0.0)
+            x = torch.einsum("sbij,sbjc->sbic", h_res, x) + h_post.unsqueeze(-1) * f.unsqueeze(-2)
+    hidden = model.decoder.final_layernorm.norm(x.mean(-2).float())
+    tied = model.shared_embedding_or_output_weight() if model.share_embeddings_and_output_weights else None
+    want, _ = model.output_layer(hidden, weight=tied)
+    want = want.transpose(0, 1)
 
     # the perturbation really made H_res uneven and asymmetric
     h_res = torch.stack(res_seen)
     assert (h_res - h_res.transpose(-1, -2)).abs().max() > 0.1 and (h_res - 1 / n).abs().max() > 0.1
     torch.testing.assert_close(got, want.to(got.dtype), rtol=1e-5, atol=1e-5)  # measured: 1e-7
+    # backward too (the product's Sinkhorn and mixing have their own autograd functions): every
+    # parameter's gradient of one random projection of the logits
+    names, params = zip(*model.named_parameters())
+    w = torch.randn(got.shape, generator=g)
+    grads_got = torch.autograd.grad((got * w).sum(), params, retain_graph=False, allow_unused=True)
+    grads_want = torch.autograd.grad((want * w).sum(), params, allow_unused=True)
+    assert any(".coefficients.phi" in name for name in names)
+    for name, a, b in zip(names, grads_got, grads_want):
+        assert a is not None and b is not None, name
+        scale = b.abs().max().clamp_min(1e-6)
+        torch.testing.assert_close(a / scale, b.to(a.dtype) / scale, rtol=0, atol=5e-5, msg=name)  # measured: 4e-6
 
 
 def test_bf16_model_runs_the_coefficient_maths_in_fp32():
