@@ -28,8 +28,9 @@ def _fresh_seed(request):
 
 
 @pytest.fixture(scope="session")
-def megatron_world():
-    """A single-process gloo world with megatron-core's model-parallel state (TP = PP = 1)."""
+def _megatron_process_group():
+    """A single-process gloo world with megatron-core's model-parallel state (TP = PP = 1), kept
+    for the session (it changes no megatron-core attribute)."""
     import torch.distributed as dist
 
     from mcore_helpers import free_port, init_megatron
@@ -40,3 +41,13 @@ def megatron_world():
 
     parallel_state.destroy_model_parallel()
     dist.destroy_process_group()
+
+
+@pytest.fixture
+def megatron_world(_megatron_process_group):
+    """The single-process world, with megatron-core's CUDA-only spots redirected to the CPU for
+    this test only (``mcore_helpers.cpu_redirected``: every original is back after the test)."""
+    from mcore_helpers import cpu_redirected
+
+    with cpu_redirected():
+        yield

@@ -6,8 +6,13 @@ The redirections of megatron-core's CUDA-only spots live here, in test code only
 to the current CUDA device on the first forward), the sequence-parallel gather/scatter
 mappings (allocate their outputs there) and, with Megatron-LM main, MTP's check for inference
 linears (an ``isinstance`` against mocked transformer-engine classes without TE); in spawned workers also ``torch.cuda.current_device``
-and ``torch.cuda.synchronize`` as a whole (see ``_whole_process_on_cpu``). Attention uses the product's device-portable
+and ``torch.cuda.synchronize`` as a whole (see ``whole_process_on_cpu``). Attention uses the product's device-portable
 ``SDPACoreAttention``, so Megatron's ``DotProductAttention`` needs no redirection.
+
+Every redirection is scoped: :func:`cpu_redirected` and :func:`whole_process_on_cpu` are context
+managers that put the original objects back on exit. ``run_distributed``'s workers run their
+function inside both; the ``megatron_world`` fixture (conftest) inside ``cpu_redirected`` for one
+test. Nothing is patched at import time, and ``init_megatron`` patches nothing.
 """
 
 from __future__ import annotations
@@ -33,9 +38,44 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def cpu_redirections() -> None:
+_ACTIVE = 0  # nesting depth of cpu_redirected(): only the outermost one patches and restores
+
+
+@contextlib.contextmanager
+def cpu_redirected():
+    """Redirect megatron-core's CUDA-only spots for the duration of the ``with`` block only; every
+    redirected attribute is restored (the very object it was) on exit, also on an exception.
+    Nested uses are no-ops inside the outermost one."""
+    global _ACTIVE
+    if _ACTIVE:
+        _ACTIVE += 1
+        try:
+            yield
+        finally:
+            _ACTIVE -= 1
+        return
+    with contextlib.ExitStack() as stack:
+        for owner, name, replacement in _redirections():
+            stack.enter_context(mock.patch.object(owner, name, replacement))
+        _ACTIVE = 1
+        try:
+            yield
+        finally:
+            _ACTIVE = 0
+
+
+def redirected_attributes() -> list[tuple[object, str]]:
+    """``(owner, name)`` of every attribute :func:`cpu_redirected` replaces (for the test that they
+    come back)."""
+    return [(owner, name) for owner, name, _ in _redirections()]
+
+
+def _redirections() -> list[tuple[object, str, object]]:
     from megatron.core import utils as mcore_utils
+    from megatron.core.tensor_parallel import mappings
     from megatron.core.tensor_parallel import random as tp_random
+    from megatron.core.transformer import multi_token_prediction
+    from megatron.core.transformer.moe import router
 
     def get_tensor(self, tensor_shape, dtype, name, mem_alloc_context=None):
         return torch.empty(tensor_shape, dtype=dtype)
@@ -44,25 +84,25 @@ def cpu_redirections() -> None:
     def fork(self, name=None):
         yield
 
-    mcore_utils.GlobalMemoryBuffer.get_tensor = get_tensor
-    tp_random.CudaRNGStatesTracker.fork = fork
-    # activation checkpointing (Megatron's selective recompute) saves and restores CUDA RNG state
-    tp_random._get_cuda_rng_state = lambda *args, **kwargs: torch.empty(0)
-    tp_random._set_cuda_rng_state = lambda *args, **kwargs: None
+    out = [
+        (mcore_utils.GlobalMemoryBuffer, "get_tensor", get_tensor),
+        (tp_random.CudaRNGStatesTracker, "fork", fork),
+        # activation checkpointing (Megatron's selective recompute) saves and restores CUDA RNG state
+        (tp_random, "_get_cuda_rng_state", lambda *args, **kwargs: torch.empty(0)),
+        (tp_random, "_set_cuda_rng_state", lambda *args, **kwargs: None),
+    ]
+    for owner, name in (
+        (router.Router, "gating"),
+        (multi_token_prediction.MTPLossLoggingHelper, "save_metrics_to_tracker"),  # MTP's loss log buffer
+        (mappings, "_gather_along_first_dim"),
+        (mappings, "_reduce_scatter_along_first_dim"),
+    ):
+        out.append((owner, name, _on_cpu(getattr(owner, name))))
+    out.extend(_without_te_no_inference_linears(multi_token_prediction))
+    return out
 
-    from megatron.core.tensor_parallel import mappings
-    from megatron.core.transformer.moe import router
 
-    from megatron.core.transformer import multi_token_prediction
-
-    _on_cpu(router.Router, "gating")
-    _on_cpu(multi_token_prediction.MTPLossLoggingHelper, "save_metrics_to_tracker")  # MTP's loss log buffer
-    _on_cpu(mappings, "_gather_along_first_dim")
-    _on_cpu(mappings, "_reduce_scatter_along_first_dim")
-    _without_te_no_inference_linears(multi_token_prediction)
-
-
-def _without_te_no_inference_linears(multi_token_prediction) -> None:
+def _without_te_no_inference_linears(multi_token_prediction) -> list[tuple[object, str, object]]:
     """Megatron-LM main (0.20): ``MultiTokenPredictionLayer`` asks
     ``is_inference_column_parallel_linear(eh_proj)``, an ``isinstance`` against classes derived
     from transformer-engine's; without transformer-engine those are mocks and ``isinstance``
@@ -70,21 +110,18 @@ def _without_te_no_inference_linears(multi_token_prediction) -> None:
     from megatron.core.extensions.transformer_engine import HAVE_TE
 
     if not HAVE_TE and hasattr(multi_token_prediction, "is_inference_column_parallel_linear"):
-        multi_token_prediction.is_inference_column_parallel_linear = lambda module: False
+        return [(multi_token_prediction, "is_inference_column_parallel_linear", lambda module: False)]
+    return []
 
 
-def _on_cpu(owner, name: str) -> None:
-    """Run ``owner.name`` with ``torch.cuda.current_device()`` answering "cpu"."""
-    cuda_fn = getattr(owner, name)
-    if getattr(cuda_fn, "_cpu_redirected", False):
-        return
+def _on_cpu(cuda_fn):
+    """``cuda_fn`` run with ``torch.cuda.current_device()`` answering "cpu"."""
 
     def redirected(*args, **kwargs):
         with mock.patch("torch.cuda.current_device", return_value="cpu"):
             return cuda_fn(*args, **kwargs)
 
-    redirected._cpu_redirected = True
-    setattr(owner, name, redirected)
+    return redirected
 
 
 def init_megatron(rank: int, world_size: int, port: int, tp: int = 1, pp: int = 1, **mp_kwargs) -> None:
@@ -98,7 +135,6 @@ def init_megatron(rank: int, world_size: int, port: int, tp: int = 1, pp: int = 
     parallel_state.initialize_model_parallel(
         tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp, **mp_kwargs
     )
-    cpu_redirections()
 
 
 class SPRMSNorm(torch.nn.RMSNorm):
@@ -170,14 +206,17 @@ def lm_loss(model, batch) -> torch.Tensor:
 
 
 def full_gradients(model) -> dict[str, torch.Tensor]:
-    """Gradients of every parameter, gathered over tensor-parallel ranks to the full tensor."""
+    """Gradients of every parameter, gathered over tensor-parallel ranks to the full tensor
+    (``main_grad`` where Megatron's ``DistributedDataParallel`` keeps them)."""
     from megatron.core import parallel_state
 
     group = parallel_state.get_tensor_model_parallel_group()
     tp = parallel_state.get_tensor_model_parallel_world_size()
     out = {}
     for name, p in model.named_parameters():
-        g = p.grad if p.grad is not None else torch.zeros_like(p)
+        g = getattr(p, "main_grad", None)
+        if g is None:
+            g = p.grad if p.grad is not None else torch.zeros_like(p)
         if getattr(p, "tensor_model_parallel", False) and tp > 1:
             parts = [torch.empty_like(g) for _ in range(tp)]
             dist.all_gather(parts, g.contiguous(), group=group)
@@ -186,18 +225,20 @@ def full_gradients(model) -> dict[str, torch.Tensor]:
     return out
 
 
-def _whole_process_on_cpu() -> None:
-    """In a spawned worker only: megatron-core's sequence-parallel backward and the distributed
-    checkpoint writer call ``torch.cuda.current_device()`` / ``torch.cuda.synchronize()``
-    directly; answer "cpu" and do nothing."""
-    torch.cuda.current_device = lambda: "cpu"
-    torch.cuda.synchronize = lambda device=None: None
+@contextlib.contextmanager
+def whole_process_on_cpu():
+    """In a spawned worker: megatron-core's sequence-parallel backward, its gradient buffers and
+    the distributed checkpoint writer call ``torch.cuda.current_device()`` /
+    ``torch.cuda.synchronize()`` directly; answer "cpu" and do nothing (restored on exit)."""
+    with mock.patch.object(torch.cuda, "current_device", lambda: "cpu"), \
+            mock.patch.object(torch.cuda, "synchronize", lambda device=None: None):
+        yield
 
 
 def _worker(rank, world_size, port, fn, args, result_dir):
-    _whole_process_on_cpu()
     try:
-        result = fn(rank, world_size, port, *args)
+        with whole_process_on_cpu(), cpu_redirected():
+            result = fn(rank, world_size, port, *args)
         torch.save(result, os.path.join(result_dir, f"rank{rank}.pt"))
     except BaseException:
         with open(os.path.join(result_dir, f"rank{rank}.err"), "w") as f:

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from types import SimpleNamespace
-
 import torch
 
 from mcore_helpers import build_gpt, full_gradients, init_megatron, lm_loss, make_batch, tiny_config
@@ -14,22 +12,40 @@ def _settings(mode: str, n: int = 4) -> MHCSettings:
     return MHCSettings(mode=mode, expansion_rate=n)
 
 
+class _NoStream:
+    """``torch.cuda.current_stream()`` on the CPU: Megatron's gradient buckets ask for it and wait
+    on CUDA-graph events they do not have here."""
+
+    def wait_event(self, event):
+        raise AssertionError("no CUDA events on the CPU")
+
+    def wait_stream(self, stream):
+        pass
+
+
 def tp_loss_and_grads(rank, world_size, port, tp, mode, sequence_parallel):
-    """One forward/backward at tensor-parallel size ``tp``; full (gathered) gradients."""
-    from megatron.core.distributed.finalize_model_grads import _allreduce_non_tensor_model_parallel_grads
+    """One forward/backward at tensor-parallel size ``tp`` through Megatron's training path: the
+    model wrapped in megatron-core's ``DistributedDataParallel`` (gradients accumulate into its
+    buffers' ``main_grad``), then ``finalize_model_grads`` as ``train_step`` calls it (data-parallel
+    sync, and under sequence parallelism the all-reduce of replicated parameters' gradients over
+    the tensor-parallel group). Returns full (gathered) gradients."""
+    from unittest import mock
+
+    from megatron.core import parallel_state
+    from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig, finalize_model_grads
 
     init_megatron(rank, world_size, port, tp=tp)
     cfg = tiny_config(tensor_model_parallel_size=tp, sequence_parallel=sequence_parallel)
     model = build_gpt(cfg, _settings(mode), sp_norm=True)
-    loss = lm_loss(model, make_batch())
+    ddp = DistributedDataParallel(cfg, DistributedDataParallelConfig(), model)
+    ddp.zero_grad_buffer()
+    loss = lm_loss(ddp, make_batch())
     loss.backward()
-    # What Megatron's finalize_model_grads does for replicated parameters under sequence
-    # parallelism: sum their gradients over the tensor-parallel group.
-    model.ddp_config = SimpleNamespace(use_megatron_fsdp=False)
-    _allreduce_non_tensor_model_parallel_grads([model], cfg)
+    with mock.patch.object(torch.cuda, "current_stream", lambda device=None: _NoStream()):
+        finalize_model_grads([ddp])
+    # DDP's hooks moved every gradient into its buffers, where finalize_model_grads reduced them
+    assert all(p.grad is None and p.main_grad is not None for p in model.parameters())
     # mHC parameters must start identical on every tensor-parallel rank
-    from megatron.core import parallel_state
-
     group = parallel_state.get_tensor_model_parallel_group()
     replicated = {}
     for name, p in model.named_parameters():

@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import re
-import types
+from unittest import mock
 
 import torch
 
@@ -36,24 +37,26 @@ def assert_gradients_match(ref: dict, ranks: list[dict]) -> None:
         torch.testing.assert_close(grads[name], g, rtol=1e-4, atol=1e-6, msg=name)
 
 
-def _cpu_schedules() -> None:
-    """Test-only: Megatron's schedules create their token counter with device="cuda"."""
+@contextlib.contextmanager
+def cpu_schedules():
+    """Test-only, for the ``with`` block: Megatron's schedules create their token counter with
+    device="cuda"; ``schedules.torch`` answers with a CPU tensor there (restored on exit)."""
     from megatron.core.pipeline_parallel import schedules
 
-    if isinstance(schedules.torch, types.ModuleType):
-        real = schedules.torch
+    real = schedules.torch
 
-        class _Torch:
-            def __getattr__(self, name):
-                return getattr(real, name)
+    class _Torch:
+        def __getattr__(self, name):
+            return getattr(real, name)
 
-            @staticmethod
-            def zeros(*args, **kwargs):
-                if kwargs.get("device") == "cuda":
-                    kwargs["device"] = "cpu"
-                return real.zeros(*args, **kwargs)
+        @staticmethod
+        def zeros(*args, **kwargs):
+            if kwargs.get("device") == "cuda":
+                kwargs["device"] = "cpu"
+            return real.zeros(*args, **kwargs)
 
-        schedules.torch = _Torch()
+    with mock.patch.object(schedules, "torch", _Torch()):
+        yield
 
 
 def reference(rank, world_size, port, mode, state_path, recompute=False, layers=LAYERS, microbatches=MICROBATCHES):
@@ -85,7 +88,6 @@ def megatron_pipeline(rank, world_size, port, mode, state_path, vpp, recompute=F
     from megatron.core.transformer.transformer_layer import get_transformer_layer_offset
 
     init_megatron(rank, world_size, port, pp=world_size, virtual_pipeline_model_parallel_size=vpp)
-    _cpu_schedules()
     cfg = tiny_config(num_layers=LAYERS, pipeline_model_parallel_size=world_size,
                       virtual_pipeline_model_parallel_size=vpp, pipeline_dtype=torch.float32, **CONFIG_OVERRIDES)
     settings = _settings(mode, recompute)
@@ -113,14 +115,15 @@ def megatron_pipeline(rank, world_size, port, mode, state_path, vpp, recompute=F
         return out, lambda o: (o.float().mean(), {"lm loss": o.float().mean().detach()})
 
     iterators = [iter(_batches()) for _ in chunks]
-    losses = get_forward_backward_func()(
-        forward_step_func=forward_step,
-        data_iterator=iterators if vpp else iterators[0],
-        model=chunks,
-        num_microbatches=MICROBATCHES,
-        seq_length=SEQ,
-        micro_batch_size=BATCH,
-    )
+    with cpu_schedules():
+        losses = get_forward_backward_func()(
+            forward_step_func=forward_step,
+            data_iterator=iterators if vpp else iterators[0],
+            model=chunks,
+            num_microbatches=MICROBATCHES,
+            seq_length=SEQ,
+            micro_batch_size=BATCH,
+        )
     result = _chunk_results(chunks, offsets, losses)
     result["sublayers"] = sorted(s for chunk in result["chunk_sublayers"] for s in chunk)
     return result
@@ -221,7 +224,6 @@ def hybrid_pipeline(rank, world_size, port, mode, state_path):
     from megatron.core.pipeline_parallel import get_forward_backward_func
 
     init_megatron(rank, world_size, port, pp=world_size)
-    _cpu_schedules()
     cfg = tiny_config(num_layers=4, pipeline_model_parallel_size=world_size, pipeline_dtype=torch.float32,
                       **CONFIG_OVERRIDES)
     configure_pipeline(cfg, _settings(mode))
@@ -229,9 +231,10 @@ def hybrid_pipeline(rank, world_size, port, mode, state_path):
     offset = model.decoder.layers[0].layer_number - 1
     full = torch.load(state_path)
     model.load_state_dict({k: full[_global_name(k, offset)] for k in model.state_dict()})
-    losses = get_forward_backward_func()(
-        forward_step_func=_forward_step, data_iterator=iter(_batches()), model=[model],
-        num_microbatches=MICROBATCHES, seq_length=SEQ, micro_batch_size=BATCH,
-    )
+    with cpu_schedules():
+        losses = get_forward_backward_func()(
+            forward_step_func=_forward_step, data_iterator=iter(_batches()), model=[model],
+            num_microbatches=MICROBATCHES, seq_length=SEQ, micro_batch_size=BATCH,
+        )
     grads = {_global_name(n, offset): p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
     return {"losses": [float(d["lm loss"]) for d in losses], "grads": grads}

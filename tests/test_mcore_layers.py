@@ -5,7 +5,7 @@ import dataclasses
 import pytest
 import torch
 
-from mcore_helpers import build_gpt, lm_loss, local_block_spec, make_batch, tiny_config
+from mcore_helpers import SEQ, VOCAB, build_gpt, lm_loss, local_block_spec, make_batch, tiny_config
 from mhc_megatron.mcore import (
     HCCoefficients,
     MHCCoefficients,
@@ -74,26 +74,142 @@ def _copy_shared_weights(src, dst):
                 raise KeyError(name)
 
 
+def _megatron_local_spec(cfg):
+    """megatron-core's own local GPT layer spec, untouched (its DotProductAttention included)."""
+    from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
+
+    return get_gpt_layer_local_spec(normalization=cfg.normalization)
+
+
+def _plain_megatron_gpt(cfg, seed=1234):
+    """The reference nothing of ours takes part in: megatron-core's GPTModel with its local spec."""
+    from megatron.core.models.gpt import GPTModel
+
+    torch.manual_seed(seed)
+    return GPTModel(cfg, _megatron_local_spec(cfg), vocab_size=VOCAB, max_sequence_length=SEQ)
+
+
+def _gpt_from_megatron_spec(cfg, mhc_settings, seed=4321):
+    """The product's mHC/HC transformation of that very spec (same attention, MLP and norms)."""
+    from megatron.core.models.gpt import GPTModel
+    from mhc_megatron.mcore.specs import get_mhc_gpt_layer_local_block_spec
+
+    torch.manual_seed(seed)
+    return GPTModel(cfg, get_mhc_gpt_layer_local_block_spec(cfg, mhc_settings), vocab_size=VOCAB,
+                    max_sequence_length=SEQ)
+
+
+def _causal_mask():
+    # Megatron's DotProductAttention builds its default mask on the GPU: pass it explicitly
+    return torch.triu(torch.ones(SEQ, SEQ, dtype=torch.bool), diagonal=1)[None, None]
+
+
+def _loss(model, batch):
+    tokens, positions, labels = batch
+    return model(tokens, positions, _causal_mask(), labels=labels).float().mean()
+
+
 def test_hc_starts_as_the_residual_model():
-    """Pre-norm style HC initialisation: same weights, same loss, exactly."""
-    residual = build_gpt(tiny_config(), settings("residual"))
-    hc = build_gpt(tiny_config(), settings("hc"))
+    """Pre-norm style HC initialisation is Megatron's residual GPT: same weights, same loss."""
+    residual = _plain_megatron_gpt(tiny_config())
+    hc = _gpt_from_megatron_spec(tiny_config(), settings("hc"))
     _copy_shared_weights(residual, hc)
     batch = make_batch()
-    assert lm_loss(hc, batch).item() == pytest.approx(lm_loss(residual, batch).item(), abs=1e-6)
+    assert _loss(hc, batch).item() == pytest.approx(_loss(residual, batch).item(), abs=1e-6)
 
 
 @pytest.mark.parametrize("n,res_init_diag", [(1, 0.0), (4, 0.0), (4, 6.0)])
 def test_mhc_starts_close_to_the_residual_model(n, res_init_diag):
-    residual = build_gpt(tiny_config(), settings("residual"))
-    mhc = build_gpt(tiny_config(), settings("mhc", n=n, res_init_diag=res_init_diag))
+    residual = _plain_megatron_gpt(tiny_config())
+    mhc = _gpt_from_megatron_spec(tiny_config(), settings("mhc", n=n, res_init_diag=res_init_diag))
     _copy_shared_weights(residual, mhc)
-    batch = make_batch()
-    ref = residual(*batch[:2], None)
-    out = mhc(*batch[:2], None)
+    tokens, positions, _ = make_batch()
+    ref = residual(tokens, positions, _causal_mask())
+    out = mhc(tokens, positions, _causal_mask())
     rel = ((out - ref).norm() / ref.norm()).item()
     # n = 1: H_pre = 1/2 meets the pre-norm epsilon (5e-3 here); n > 1: only the dynamic part
     assert rel < (1e-2 if n == 1 else 5e-3), rel
+
+
+def _sinkhorn(logits, iters):
+    """The paper's Sinkhorn-Knopp, literally: exp, then ``iters`` times columns, then rows."""
+    p = logits.exp()
+    for _ in range(iters):
+        p = p / p.sum(dim=-2, keepdim=True)  # every column sums to 1
+        p = p / p.sum(dim=-1, keepdim=True)  # every row sums to 1
+    return p
+
+
+def _coefficients_by_hand(x, coefficients, s):
+    """H_pre, H_post, H_res of the n-stream residual ``x`` [s, b, n, C] from the module's own
+    phi, bias and alpha: r = sqrt(mean(v^2) + eps), logits = alpha * (v phi) / r + bias."""
+    n = x.shape[-2]
+    phi, bias, alpha = (t.double() for t in (coefficients.phi, coefficients.bias, coefficients.alpha))
+    v = x.flatten(-2)
+    proj = (v @ phi) / (v.square().mean(-1, keepdim=True) + s.coeff_eps).sqrt()
+    pre = alpha[0] * proj[..., :n] + bias[:n]
+    post = alpha[1] * proj[..., n:2 * n] + bias[n:2 * n]
+    res = alpha[2] * proj[..., 2 * n:] + bias[2 * n:]
+    return torch.sigmoid(pre), 2 * torch.sigmoid(post), _sinkhorn(res.unflatten(-1, (n, n)), s.sinkhorn_iters)
+
+
+@pytest.mark.parametrize("n", [3, 4])
+def test_mhc_model_computes_the_mhc_maths(n):
+    """The built GPT against the mHC equations written out here in plain torch (float64 for the
+    residual maths), with Megatron's own attention/MLP/norm modules as the sublayer functions F:
+    x_0 = n copies of the embedding; per sublayer
+    x_{l+1} = H_res x_l + H_post^T (F(norm(H_pre x_l)) + bias); exit: final norm of the stream
+    mean; forward and every parameter's gradient. The coefficient parameters are moved far from their initial values first (uneven,
+    asymmetric H_res, H_pre and H_post away from 1/n and 1), and the linear biases from 0, so
+    that no shortcut of the initial state passes."""
+    s = settings("mhc", n=n)
+    model = _gpt_from_megatron_spec(tiny_config(), s)
+    g = torch.Generator().manual_seed(7)
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, MHCCoefficients):
+                m.alpha.copy_(torch.tensor([0.7, 0.9, 1.3]))
+                m.bias.add_(torch.randn(m.bias.shape, generator=g))
+                m.phi.mul_(2.0)
+        for name, p in model.named_parameters():  # Megatron starts its linear biases at 0
+            if name.endswith(".bias") and ".coefficients." not in name:
+                p.add_(0.1 * torch.randn(p.shape, generator=g))
+    tokens, positions, _ = make_batch()
+    mask = _causal_mask()
+    got = model(tokens, positions, mask)  # [b, s, V]
+
+    h = model.embedding(input_ids=tokens, position_ids=positions)  # [s, b, C]
+    x = h.double().unsqueeze(-2).expand(*h.shape[:-1], n, h.shape[-1])
+    res_seen = []
+    for layer in model.decoder.layers:
+        for slot, sublayer in ((layer.input_layernorm, lambda u: layer.self_attention(u, attention_mask=mask)),
+                               (layer.pre_mlp_layernorm, layer.mlp)):
+            h_pre, h_post, h_res = _coefficients_by_hand(x, slot.coefficients, s)
+            res_seen.append(h_res.detach())
+            u = torch.einsum("sbj,sbjc->sbc", h_pre, x)
+            f, f_bias = sublayer(slot.norm(u.float()))
+            f = f.double() + (f_bias.double() if f_bias is not None else 0.0)
+            x = torch.einsum("sbij,sbjc->sbic", h_res, x) + h_post.unsqueeze(-1) * f.unsqueeze(-2)
+    hidden = model.decoder.final_layernorm.norm(x.mean(-2).float())
+    tied = model.shared_embedding_or_output_weight() if model.share_embeddings_and_output_weights else None
+    want, _ = model.output_layer(hidden, weight=tied)
+    want = want.transpose(0, 1)
+
+    # the perturbation really made H_res uneven and asymmetric
+    h_res = torch.stack(res_seen)
+    assert (h_res - h_res.transpose(-1, -2)).abs().max() > 0.1 and (h_res - 1 / n).abs().max() > 0.1
+    torch.testing.assert_close(got, want.to(got.dtype), rtol=1e-5, atol=1e-5)  # measured: 1e-7
+    # backward too (the product's Sinkhorn and mixing have their own autograd functions): every
+    # parameter's gradient of one random projection of the logits
+    names, params = zip(*model.named_parameters())
+    w = torch.randn(got.shape, generator=g)
+    grads_got = torch.autograd.grad((got * w).sum(), params, retain_graph=False, allow_unused=True)
+    grads_want = torch.autograd.grad((want * w).sum(), params, allow_unused=True)
+    assert any(".coefficients.phi" in name for name in names)
+    for name, a, b in zip(names, grads_got, grads_want):
+        assert a is not None and b is not None, name
+        scale = b.abs().max().clamp_min(1e-6)
+        torch.testing.assert_close(a / scale, b.to(a.dtype) / scale, rtol=0, atol=5e-5, msg=name)  # measured: 4e-6
 
 
 def test_bf16_model_runs_the_coefficient_maths_in_fp32():
@@ -173,9 +289,30 @@ def test_sharded_checkpoint_keys_match_between_local_and_fused_norm_layouts():
 
 
 def test_residual_mode_leaves_the_spec_alone():
+    """Residual mode hands Megatron's spec back untouched (the very object); mhc mode installs
+    ModuleSpecs of our modules in the four slots. (A spec slot holds a ModuleSpec or a builder,
+    never the class itself: compare ``.module``, not the slot, with the class.)"""
+    from megatron.core.transformer.spec_utils import ModuleSpec
+
+    from mhc_megatron.mcore.specs import mhc_block_spec
+
     cfg = tiny_config()
-    spec = local_block_spec(cfg, settings("residual"))
-    assert spec.submodules.self_attn_bda is not MHCSublayerOutput
+    plain = _megatron_local_spec(cfg)
+    assert mhc_block_spec(plain, cfg, settings("residual")) is plain
+    assert local_block_spec(cfg, settings("residual")).submodules.self_attn_bda is plain.submodules.self_attn_bda
+    mhc = mhc_block_spec(plain, cfg, settings("mhc"))
+    sub = mhc.layer_specs[0].submodules
+    for slot in ("self_attn_bda", "mlp_bda"):
+        assert isinstance(getattr(sub, slot), ModuleSpec) and getattr(sub, slot).module is MHCSublayerOutput
+        assert getattr(plain.submodules, slot) is not getattr(sub, slot)
+    for slot in ("input_layernorm", "pre_mlp_layernorm"):
+        assert getattr(sub, slot).func is MHCSublayerInput
+        assert getattr(sub, slot).keywords["norm"] is getattr(plain.submodules, slot)
+    # everything else is Megatron's
+    for field in dataclasses.fields(sub):
+        if field.name not in ("self_attn_bda", "mlp_bda", "input_layernorm", "pre_mlp_layernorm",
+                              "sharded_state_dict_keys_map"):
+            assert getattr(sub, field.name) == getattr(plain.submodules, field.name), field.name
 
 
 def test_non_transformer_layer_spec_is_refused():

@@ -295,9 +295,13 @@ def _patch_megatron_core() -> None:
     here = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     if here not in sys.path:
         sys.path.insert(0, here)
-    from mcore_helpers import cpu_redirections
+    from mcore_helpers import cpu_redirected
 
-    cpu_redirections()
+    # a launched process is redirected for its whole life (install() is its first statement); the
+    # context is kept referenced: a collected generator context would restore the originals
+    global _REDIRECTED
+    _REDIRECTED = cpu_redirected()
+    _REDIRECTED.__enter__()
     _sequence_parallel_torch_norm()
     _portable_mla_core_attention()
     _forbid_shape_handshakes()
@@ -305,6 +309,7 @@ def _patch_megatron_core() -> None:
 
 
 _MODE: CudaToCpu | None = None
+_REDIRECTED = None  # mcore_helpers.cpu_redirected(), entered for the process's life
 
 
 def install() -> None:
