@@ -65,6 +65,8 @@ def test_every_schedule_does_the_same_work(schedule):
         (lambda: program("zero-bubble", 0, 4, 8), "one of 1f1b, interleaved, dualpipev"),
         (lambda: program("1f1b", 4, 4, 8), "outside a pipeline of 4"),
         (lambda: simulate("1f1b", 2, 4, comm_ratio=-1), "comm_ratio"),
+        (lambda: simulate("1f1b", 2, 4, a2a_ratio=-1), "a2a_ratio"),
+        (lambda: simulate("1f1b", 2, 4, overlap_pairs=True), "the 1f1b schedule has none"),
     ],
 )
 def test_bad_schedules_are_refused(call, match):
@@ -128,3 +130,31 @@ def test_dualpipev_keeps_at_most_pp_plus_one_microbatches_of_activations(pp, mbs
     assert max(peaks) <= pp + 1, peaks
     gpipe = [f"F{s}.{m}" for s in (0, 1) for m in range(mbs)] + [f"B{s}.{m}" for s in (1, 0) for m in range(mbs)]
     assert peak_in_flight(gpipe) == mbs > pp + 1  # the bound can fail: a GPipe order breaks it
+
+
+@pytest.mark.parametrize("a2a", [0.0, 0.5, 1.0, 2.0])
+def test_overlapped_pairs_hide_one_pass_all_to_all_behind_the_other(a2a):
+    """Work per rank, counted from the program: an F costs 1/2 (a chunk is half a 1F1B stage), a B
+    1; a pass alone also waits for its all-to-alls (a2a x its compute), an overlapped F&B pair
+    takes max(compute, all-to-all) of the two."""
+    pp, mbs = 4, 12
+    serial = simulate("dualpipev", pp, mbs, a2a_ratio=a2a)
+    overlapped = simulate("dualpipev", pp, mbs, a2a_ratio=a2a, overlap_pairs=True)
+    for rank in range(pp):
+        ops = program("dualpipev", rank, pp, mbs)
+        work = {"F": 0.5, "B": 1.0}
+        paired = sum(work[op.kind] for op in ops if op.paired)
+        alone = sum(work[op.kind] for op in ops if not op.paired)
+
+        def busy(sim):
+            return sum(e.end - e.start for e in sim.events if e.rank == rank)
+
+        assert busy(serial) == pytest.approx((paired + alone) * (1 + a2a))
+        assert busy(overlapped) == pytest.approx(paired * max(1.0, a2a) + alone * (1 + a2a))
+    # a pair's two passes run back to back in one unit, the forward first
+    order = overlapped.order(0)
+    for first, second in zip(order, order[1:]):
+        if first.kind == "F" and first.paired and second.paired and second.kind == "B":
+            e1, e2 = (next(e for e in overlapped.events if e.rank == 0 and e.op == op) for op in (first, second))
+            assert e1.end == pytest.approx(e2.start)
+

@@ -27,6 +27,11 @@ def add_parser(sub) -> None:
     p.add_argument("--comm-ratio", type=float, default=0.1,
                    help="residual stage-tensor send time / forward time of a stage (default %(default)s)")
     p.add_argument("--vpp", type=int, default=2, help="virtual stages per rank for interleaved (default %(default)s)")
+    p.add_argument("--a2a-ratio", type=float, default=0.0,
+                   help="MoE expert-parallel all-to-all time of a pass / its compute (default %(default)s: none)")
+    p.add_argument("--overlap-pairs", action="store_true",
+                   help="DualPipeV only: run each F&B pair as one overlapped unit, as the runtime does under "
+                        "--overlap-moe-expert-parallel-comm (one pass's all-to-alls hidden by the other's compute)")
     p.add_argument("--out", metavar="PNG", help="draw the timeline to this PNG file")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.set_defaults(run=run)
@@ -36,7 +41,8 @@ def run(args) -> int:
     from ..pipeline.simulator import simulate
 
     sim = simulate(args.schedule, args.pp, args.microbatches, expansion_rate=args.expansion_rate,
-                   comm_ratio=args.comm_ratio, virtual_stages=args.vpp)
+                   comm_ratio=args.comm_ratio, virtual_stages=args.vpp,
+                   a2a_ratio=args.a2a_ratio, overlap_pairs=args.overlap_pairs)
     summary = sim.summary()
     if args.out:
         from ..pipeline.timeline import draw_timeline

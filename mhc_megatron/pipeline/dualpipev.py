@@ -33,7 +33,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.distributed as dist
 
-from .program import Op, check_microbatches, placement, program
+from .program import Op, check_microbatches, pair_units, placement, program
 
 SCHEDULE = "dualpipev"
 _LOOKAHEAD = 2  # ops ahead whose inputs are already being received
@@ -178,22 +178,6 @@ def _outgoing(place, rank: int, op: Op) -> Message | None:
     if peer is None or place.rank_of(peer) == rank:  # the loss, or the bottom of the V (in memory)
         return None
     return Message("act" if op.kind == "F" else "grad", peer, op.microbatch, rank, place.rank_of(peer))
-
-
-def pair_units(ops: list[Op]) -> list[tuple[Op, ...]]:
-    """``ops`` cut into what runs as one unit: an overlapped F&B pair (a paired F followed by its
-    paired B) or a single op."""
-    units, i = [], 0
-    while i < len(ops):
-        op = ops[i]
-        nxt = ops[i + 1] if i + 1 < len(ops) else None
-        if op.kind == "F" and op.paired and nxt is not None and nxt.kind == "B" and nxt.paired:
-            units.append((op, nxt))
-            i += 2
-        else:
-            units.append((op,))
-            i += 1
-    return units
 
 
 def rank_events(place, rank: int, ops: list[Op], forward_only: bool = False,

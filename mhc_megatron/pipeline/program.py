@@ -203,3 +203,19 @@ def _dualpipev(rank: int, ranks: int, mbs: int) -> list[Op]:
     for _ in range(before_turn):  # 7. the down chunk's last backwards
         b(down)
     return ops
+
+
+def pair_units(ops: list[Op]) -> list[tuple[Op, ...]]:
+    """``ops`` cut into what runs as one unit: an overlapped F&B pair (a paired F followed by its
+    paired B) or a single op."""
+    units, i = [], 0
+    while i < len(ops):
+        op = ops[i]
+        nxt = ops[i + 1] if i + 1 < len(ops) else None
+        if op.kind == "F" and op.paired and nxt is not None and nxt.kind == "B" and nxt.paired:
+            units.append((op, nxt))
+            i += 2
+        else:
+            units.append((op,))
+            i += 1
+    return units

@@ -7,7 +7,14 @@ forward of ``layers / pp`` layers on one micro-batch:
 
 - forward ``F`` = 1 / chunks per rank, backward ``B`` (input and weight gradients) = 2 ``F``;
 - a message between stages costs ``comm_ratio x expansion_rate`` (the n-stream tensor is n
-  times the residual's: ``comm_ratio`` is the residual model's send time relative to ``F``).
+  times the residual's: ``comm_ratio`` is the residual model's send time relative to ``F``);
+- with ``a2a_ratio`` (MoE expert parallelism), every pass also waits for its all-to-alls
+  (dispatch and combine), ``a2a_ratio x`` its compute, on the same stream.
+
+With ``overlap_pairs`` (DualPipeV under ``--overlap-moe-expert-parallel-comm``) each F&B pair of
+the program runs as one unit, as the runtime does: it starts when both passes' inputs are there,
+its two outputs leave when it ends, and one pass's all-to-alls hide behind the other's compute,
+so the unit takes ``max(compute, all-to-all)`` of the two passes together instead of their sum.
 
 Megatron's 1F1B and interleaved schedules (without ``--overlap-p2p-communication``) wait on
 their p2p calls before computing again: a send is issued together with the receive of the next
@@ -21,7 +28,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from .program import Op, placement, program
+from .program import Op, pair_units, placement, program
 
 BLOCKING_SENDS = {"1f1b": True, "interleaved": True, "dualpipev": False}
 
@@ -87,14 +94,21 @@ def simulate(
     expansion_rate: int = 1,
     comm_ratio: float = 0.0,
     virtual_stages: int | None = None,
+    a2a_ratio: float = 0.0,
+    overlap_pairs: bool = False,
 ) -> Simulation:
     """Simulate one step of ``schedule`` over ``num_ranks`` pipeline ranks."""
     if comm_ratio < 0:
         raise ValueError(f"comm_ratio must be >= 0, got {comm_ratio}")
+    if a2a_ratio < 0:
+        raise ValueError(f"a2a_ratio must be >= 0, got {a2a_ratio}")
     if expansion_rate < 1:
         raise ValueError(f"expansion_rate must be >= 1, got {expansion_rate}")
+    if overlap_pairs and schedule != "dualpipev":
+        raise ValueError(f"overlapped F&B pairs are DualPipeV's; the {schedule} schedule has none")
     place = placement(schedule, num_ranks, virtual_stages)
     programs = [program(schedule, r, num_ranks, microbatches, virtual_stages) for r in range(num_ranks)]
+    units = [pair_units(ops) if overlap_pairs else [(op,) for op in ops] for ops in programs]
     unit = 1.0 / place.chunks_per_rank  # F of one chunk
     comm = comm_ratio * expansion_rate
     blocking = BLOCKING_SENDS[schedule]
@@ -115,39 +129,51 @@ def simulate(
             return None
         return ("F", op.stage, op.microbatch), False  # the last stage's B: its own F
 
-    pending = sum(len(p) for p in programs)
+    def compute(op: Op) -> float:
+        return unit if op.kind == "F" else 2 * unit
+
+    pending = sum(len(ops) for rank_units in units for ops in rank_units)
     while pending:
         progressed = False
         for rank in range(num_ranks):
-            while cursor[rank] < len(programs[rank]):
-                op = programs[rank][cursor[rank]]
-                src = source(op)
-                ready, wait = free[rank], 0.0
-                if src is not None:
+            while cursor[rank] < len(units[rank]):
+                ops = units[rank][cursor[rank]]
+                ready, wait, blocked_on = free[rank], 0.0, False
+                for op in ops:
+                    src = source(op)
+                    if src is None:
+                        continue
                     key, remote = src
                     if key not in done:
+                        blocked_on = True
                         break
                     arrival = done[key] + (comm if remote else 0.0)
                     if arrival > ready:
-                        wait = min(arrival - ready, comm if remote else 0.0)
+                        wait += min(arrival - ready, comm if remote else 0.0)
                         ready = arrival
-                cost = unit if op.kind == "F" else 2 * unit
+                if blocked_on:
+                    break
+                work = sum(compute(op) for op in ops)
+                a2a = a2a_ratio * work
+                cost = max(work, a2a) if len(ops) == 2 else work + a2a
                 end = ready + cost
-                blocked = comm if (blocking and place.sends(op)) else 0.0
-                sim.events.append(Event(rank, op, ready, end, wait + blocked))
-                done[(op.kind, op.stage, op.microbatch)] = end
-                free[rank] = end + blocked
-                # activations: stored by F, freed by the pass that last needs them
-                if op.kind == "F":
-                    live[rank] += unit
+                blocked = comm * sum(1 for op in ops if blocking and place.sends(op))
+                start = ready
+                for k, op in enumerate(ops):  # a pair's cost split between its passes in proportion
+                    share = cost * compute(op) / work
+                    sim.events.append(Event(rank, op, start, start + share, wait if k == 0 else 0.0))
+                    start += share
+                    done[(op.kind, op.stage, op.microbatch)] = end
+                    # activations: stored by F, freed by its B
+                    live[rank] += unit if op.kind == "F" else -unit
                     peak[rank] = max(peak[rank], live[rank])
-                else:
-                    live[rank] -= unit
+                sim.events[-1].comm_wait += blocked
+                free[rank] = end + blocked
                 cursor[rank] += 1
-                pending -= 1
+                pending -= len(ops)
                 progressed = True
         if not progressed:
-            stuck = {r: str(programs[r][cursor[r]]) for r in range(num_ranks) if cursor[r] < len(programs[r])}
+            stuck = {r: " ".join(map(str, units[r][cursor[r]])) for r in range(num_ranks) if cursor[r] < len(units[r])}
             raise RuntimeError(f"the {schedule} programs deadlock; next ops per rank: {stuck}")
     sim.makespan = max(free)
     sim.peak_activations = peak
