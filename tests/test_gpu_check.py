@@ -16,7 +16,8 @@ def test_dry_run_lists_every_step_within_eight_minutes(capsys):
     assert "docs/benchmarks/gpu-check-" in out and "<device>.md" in out
     for what in ("tests/test_kernels.py", "tests/test_kernels_sublayer.py",
                  "test_post_res_stream.py::test_side_stream_result_survives_main_stream_allocations",
-                 "bench kernels", "compile", "liger", "profile --device cuda", "--recompute"):
+                 "bench kernels", "compile", "liger", "mhc_megatron.bench.stream_trace", "profile --device cuda",
+                 "--recompute"):
         assert what in out, what
     assert sum(step.timeout_s for step in gpu_check.steps("python")) <= 8 * 60 - 30  # room for setup
 
@@ -52,3 +53,24 @@ def test_report_tables():
                             "breakdown_ms": {"mhc_forward": 0.4, "mhc_backward": 0.5}}]}
     assert "| mhc | 11.00 | +10.0% | 0.40 | 0.50 |" in gpu_check._profile_table(profile, "p")
     assert gpu_check._pytest_summary("....\n12 passed, 1 skipped in 3.2s\n") == "12 passed, 1 skipped in 3.2s"
+
+
+def test_stream_overlap_reads_a_chrome_trace():
+    """Side stream 7 runs two post+res kernels, [10, 20) and [30, 40); main stream 1 runs [0, 15)
+    and [35, 36): 5 + 1 of the 20 us overlap."""
+    from mhc_megatron.bench.stream_trace import stream_overlap
+
+    def kernel(name, stream, ts, dur):
+        return {"cat": "kernel", "name": name, "ts": ts, "dur": dur, "args": {"stream": stream}}
+
+    trace = {"traceEvents": [
+        kernel("_post_res_fwd_kernel", 7, 10, 10), kernel("_post_res_fwd_kernel", 7, 30, 10),
+        kernel("ampere_sgemm", 1, 0, 15), kernel("ampere_sgemm", 1, 35, 1), kernel("other", 7, 50, 5),
+        {"cat": "cpu_op", "name": "_post_res_fwd_kernel", "ts": 0, "dur": 100},
+    ]}
+    report = stream_overlap(trace)
+    assert report["launches"] == 2 and report["kernel_streams"] == [7] and report["all_streams"] == [1, 7]
+    assert report["busy_us"] == 20 and report["overlapped_us"] == 6 and report["overlapped_fraction"] == 0.3
+    lines = gpu_check._stream_table({**report, "steps": 3, "trace": "t.json"})
+    assert "| 2 | [7] | [1, 7] | 20 | 6 us (30%) |" in lines
+

@@ -8,7 +8,9 @@ Steps, each under its own time limit so that the whole run stays within 8 minute
 2. ``mhc-megatron bench kernels`` at C = 4096 and 7168, 16384 tokens: our kernels, the eager
    reference, ``torch.compile`` of the reference and Liger-Kernel, whose package is installed
    into a temporary virtual environment layered over ``.venv`` when it is not importable;
-3. ``mhc-megatron profile`` of a small GPT, residual against mhc, without and with recompute.
+3. the post+res stream in a profiler trace (:mod:`.stream_trace`): the streams its kernels ran on
+   and the share of their time beside another stream's kernels;
+4. ``mhc-megatron profile`` of a small GPT, residual against mhc, without and with recompute.
 
 ``--dry-run`` prints the steps and the report path and runs nothing (works without a GPU).
 A step that fails or runs out of time is reported as such in the table; nothing is skipped
@@ -37,7 +39,7 @@ class Step:
     name: str
     argv: list[str]
     timeout_s: int
-    parse: str  # "pytest", "bench", "profile"
+    parse: str  # "pytest", "bench", "profile", "stream"
     env: dict = field(default_factory=dict)
 
     def command(self) -> str:
@@ -56,7 +58,10 @@ def steps(python: str) -> list[Step]:
         Step("bench kernels: triton, reference, torch.compile, Liger-Kernel", [
             *cli, "bench", "kernels", "--tokens", "16384", "--hidden", "4096,7168", "--reps", "20",
             "--impls", "triton,reference,compile,liger", "--json",
-        ], 150, "bench"),
+        ], 130, "bench"),
+        Step("post+res stream: its kernels beside other streams' (profiler trace)", [
+            python, "-m", "mhc_megatron.bench.stream_trace", "--steps", "3", "--out", "{tmp}/stream-trace", "--json",
+        ], 30, "stream"),
         Step("profile small GPT: residual vs mhc", [
             *cli, "profile", "--device", "cuda", "--modes", "residual,mhc", "--steps", "10", "--warmup", "3",
             "--out", "{tmp}/profile", "--json",
@@ -124,6 +129,18 @@ def _profile_table(report: dict, title: str) -> list[str]:
     return lines
 
 
+def _stream_table(report: dict) -> list[str]:
+    return [f"{report['steps']} profiled steps of a 4-layer mHC GPT (hidden 1024, seq 1024 x 4) with the post+res stream; "
+            f"trace kept at {report['trace']}", "",
+            "| post+res forward launches | their streams | all kernel streams | kernel time (us) | beside another stream's kernels |",
+            "|---|---|---|---|---|",
+            f"| {report['launches']} | {report['kernel_streams']} | {report['all_streams']} | {report['busy_us']:.0f} | "
+            f"{report['overlapped_us']:.0f} us ({report['overlapped_fraction']:.0%}) |"]
+
+
+_TABLES = {"bench": _bench_table, "stream": _stream_table}
+
+
 def run(python: str, dry_run: bool) -> int:
     day = datetime.date.today()
     if dry_run:
@@ -162,7 +179,8 @@ def run(python: str, dry_run: bool) -> int:
                 result += ": " + _pytest_summary(out)
             elif status == "ok":
                 data = json.loads([line for line in out.splitlines() if line.startswith("{")][-1])
-                sections.append((step.name, _bench_table(data) if step.parse == "bench" else _profile_table(data, step.name)))
+                table = _TABLES[step.parse](data) if step.parse in _TABLES else _profile_table(data, step.name)
+                sections.append((step.name, table))
             if status != "ok":
                 sections.append((f"{step.name}: log tail", ["```", (out + err)[-3000:], "```"]))
             rows.append(f"| {step.name} | `{step.command()}` | {result} | {took:.0f} |")
