@@ -250,6 +250,7 @@ class _Step:
     inbox: dict = field(default_factory=dict)  # (kind, stage, mb) -> input of the op that reads it
     outbox: dict = field(default_factory=dict)  # (kind, stage, mb) -> output bound for another rank
     sends: dict = field(default_factory=dict)  # Message -> (work, payload, activation to free once sent)
+    sent_early: set = field(default_factory=set)  # forward outputs sent from inside their pair
     stage_inputs: dict = field(default_factory=dict)  # (stage, mb) -> this stage's first input
     stage_outputs: dict = field(default_factory=dict)  # (stage, mb) -> output (graph kept for B)
     forward_data: list = field(default_factory=list)
@@ -314,7 +315,8 @@ class DualPipeV:
             for event, item in rank_events(self.place, self.rank, ops, forward_only, overlap_pairs=overlap):
                 handlers[event](item)
         state = self.state
-        assert not (state.received or state.inbox or state.outbox or state.sends or state.stage_outputs), \
+        assert not (state.received or state.inbox or state.outbox or state.sends or state.sent_early
+                    or state.stage_outputs), \
             "DualPipeV step left tensors behind"
         self.executed = state.executed
         if not forward_only:
@@ -359,7 +361,7 @@ class DualPipeV:
             self.state.inbox[("act", op.stage + 1, op.microbatch)] = output.detach().clone()
             if not self.forward_only:
                 self._free_output(output)
-        else:
+        elif _outgoing(self.place, self.rank, op) not in self.state.sent_early:
             self.state.outbox[("act", op.stage + 1, op.microbatch)] = output
         if not self.forward_only:
             self.state.stage_inputs[(op.stage, op.microbatch)] = x
@@ -395,6 +397,15 @@ class DualPipeV:
         b_chunk = self.place.chunk_of(b.stage) if b is not None else None
         # megatron-core finds the loss stage from the pipeline rank: chunk 1's is the mirrored one
         seen_rank = self.size - 1 - self.rank if f_chunk == 1 else self.rank
+        early = _outgoing(self.place, self.rank, f) if f is not None else None
+        post_forward = None
+        if early is not None and b is not None:
+            # the forward's output leaves as soon as its last layer is done, while the backward's
+            # last pieces still run (megatron-core calls this on its communication stream)
+            def post_forward(out, vp_stage):
+                self.state.outbox[("act", early.stage, early.microbatch)] = out
+                self._send(early)
+                self.state.sent_early.add(early)
         with pipeline_rank_seen_as(seen_rank):
             output, tokens, input_grad = combined_forward_backward_step(
                 self.forward_step_func, self.iterators[f_chunk] if f is not None else None,
@@ -402,7 +413,7 @@ class DualPipeV:
                 self.state.forward_data, self.chunks[b_chunk] if b is not None else None, bx, b_out, b_grad,
                 self.config, f_model_chunk_id=f_chunk, collect_non_loss_data=self.collect_non_loss_data,
                 is_first_microbatch=f is not None and f.microbatch == 0,
-                current_microbatch=f.microbatch if f is not None else None,
+                current_microbatch=f.microbatch if f is not None else None, post_forward=post_forward,
             )
         if f is not None:
             self._forward_done(f, x, output, tokens)
@@ -422,6 +433,9 @@ class DualPipeV:
         self.state.inbox[(m.kind, m.stage, m.microbatch)] = buffer
 
     def _send(self, m: Message) -> None:
+        if m in self.state.sent_early:  # issued from inside its overlapped pair
+            self.state.sent_early.discard(m)
+            return
         tensor = self.state.outbox.pop((m.kind, m.stage, m.microbatch))
         if tuple(tensor.shape) != self.shape:
             raise RuntimeError(
@@ -434,7 +448,10 @@ class DualPipeV:
         self.state.sends[m] = (work, payload, tensor if m.kind == "act" and not self.forward_only else None)
 
     def _wait_send(self, m: Message) -> None:
-        work, _, sent = self.state.sends.pop(m)
+        entry = self.state.sends.pop(m, None)
+        if entry is None:  # already delivered and retired
+            return
+        work, _, sent = entry
         work.wait()
         self._free_output(sent)
 

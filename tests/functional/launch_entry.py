@@ -13,7 +13,7 @@ import sys
 
 
 def trace_schedule_nodes(directory: str) -> None:
-    """Log every schedule-node pass (``F``/``B``, node name, chunk) and every DualPipeV unit to
+    """Log every schedule-node pass (``F``/``B``, node name, chunk), every DualPipeV unit and send to
     ``DIR/rank<N>.txt``, in the order they run (test instrumentation, this process only)."""
     from megatron.core.pipeline_parallel.utils import ScheduleNode
 
@@ -42,6 +42,14 @@ def trace_schedule_nodes(directory: str) -> None:
         return run_unit(runner, ops)
 
     DualPipeV._run = unit
+    send = DualPipeV._send
+
+    def sent(runner, m):
+        if m not in runner.state.sent_early:  # not the no-op for a message its pair already sent
+            log(f"send {m.kind} {m.stage}.{m.microbatch}")
+        return send(runner, m)
+
+    DualPipeV._send = sent
 
 
 def main() -> int:

@@ -171,11 +171,19 @@ def test_dualpipev_overlaps_its_pairs_layer_by_layer_with_the_same_step(matrix):
         units = _paired_units(os.path.join(matrix.ckpt("moe_dualpipev_bf16_overlap"), "trace", f"rank{rank}.txt"))
         assert units, f"rank {rank} ran no overlapped pair"
         for unit, nodes in units:
-            layer_nodes = [n.split() for n in nodes if n.split()[1] not in ("pre_process", "post_process", "loss_func")]
+            passes = [n for n in nodes if not n.startswith("send")]
+            layer_nodes = [n.split() for n in passes if n.split()[1] not in ("pre_process", "post_process", "loss_func")]
             kinds = "".join(kind for kind, _, _ in layer_nodes)
             assert {(kind, vp) for kind, _, vp in layer_nodes} in ({("F", "vp0"), ("B", "vp1")}, {("F", "vp1"), ("B", "vp0")}), unit
             # per layer: B combine, F attention, B experts, F dispatch, B dispatch, F experts+combine, B attention
             assert "BFBFBFFB" in kinds, (unit, kinds)
+            # a forward output bound for another rank (PP=2: stages 0 and 2; stage 1 hands over in
+            # memory, 3 is the loss) leaves before the backward's last pieces
+            f_stage, f_mb = unit.split()[0][1:].rstrip("&").split(".")
+            if f_stage in ("0", "2"):
+                sends = [i for i, n in enumerate(nodes) if n == f"send act {int(f_stage) + 1}.{f_mb}"]
+                last_b = max(i for i, n in enumerate(nodes) if n.startswith("B "))
+                assert sends and sends[0] < last_b, (unit, nodes)
 
 
 # 5 --------------------------------------------------------------------------------------------
