@@ -186,7 +186,7 @@ def profile_multiprocess(path: str, *, modes: tuple[str, ...] | None = None, ste
     return {
         "kind": "multi-process", "launch_config": path, "device": device, "processes": nproc,
         "layout": {"tp": layout.tp, "pp": layout.pp, "cp": layout.cp, "ep": layout.ep, "dp": layout.dp},
-        "entry": entry or f"-m {ENTRY_MODULE} (mhc-pretrain-gpt)", "data": "mock (--mock-data)",
+        "entry": entry or f"-m {ENTRY_MODULE} (mhc-pretrain-gpt)", "data": "mock data (--mock-data)",
         "steps": steps, "warmup": warmup, "global_batch_size": gbs, "seq_length": seq,
         "timing": "Megatron's 'elapsed time per iteration (ms)' of the last rank, median over the timed iterations",
         "results": results,
