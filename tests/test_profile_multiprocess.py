@@ -147,17 +147,20 @@ def test_profile_of_a_tp2_launch_runs_both_modes_through_torchrun(tmp_path, caps
 FAILING_ENTRY = """\
 import os, sys
 if os.environ.get("RANK") == "1":
+    for i in range(1, 1 + int(os.environ["ENTRY_ITERATIONS"])):  # Megatron's log line, a run that fails after it
+        print(f" iteration {i:8d}/      13 | elapsed time per iteration (ms): 5.0 |")
     print("rank 1 went wrong here", flush=True)
     sys.exit(int(os.environ["ENTRY_RC"]))
 """
 
 
-@pytest.mark.parametrize("rc,match", [("3", "the residual run exited with 1"),
-                                      ("0", "the residual run printed no iteration time after the warm-up")])
-def test_a_failed_run_is_named_with_its_log_tail(tmp_path, capsys, monkeypatch, rc, match):
+@pytest.mark.parametrize("rc,iterations,match", [("3", "13", "the residual run exited with 1"),
+                                                 ("0", "3", "the residual run printed no iteration time after the warm-up")])
+def test_a_failed_run_is_named_with_its_log_tail(tmp_path, capsys, monkeypatch, rc, iterations, match):
     entry = tmp_path / "entry.py"
     entry.write_text(FAILING_ENTRY)
     monkeypatch.setenv("ENTRY_RC", rc)
+    monkeypatch.setenv("ENTRY_ITERATIONS", iterations)
     assert cli_main(["profile", "--config", _launch(tmp_path), "--entry", str(entry), "--out", str(tmp_path / "o")]) == 1
     err = capsys.readouterr().err
     assert match in err and "--nproc-per-node 2" in err and "rank 1 went wrong here" in err
