@@ -174,3 +174,31 @@ def test_without_the_gpus_the_default_entry_is_refused(tmp_path, capsys):
         pytest.skip("this machine has the 2 GPUs the launch needs")
     assert cli_main(["profile", "--config", _launch(tmp_path), "--out", str(tmp_path / "o")]) == 2
     assert "the launch needs 2 processes, one GPU each" in capsys.readouterr().err
+
+
+def test_json_report_from_the_runs_iteration_logs(tmp_path, capsys, monkeypatch):
+    """--json prints the report; the medians are of the iterations after the warm-up (runs faked: their logs)."""
+    from mhc_megatron.bench import profile_multiprocess as pm
+
+    logs = {"residual": [50.0, 30.0, 10.0, 11.0, 15.0], "mhc": [90.0, 60.0, 15.0, 18.0, 16.5]}
+
+    def fake_run(mode, nproc, entry, flags, out_dir, timeout):
+        cmd = pm.torchrun_command(nproc, entry, flags, 1234)
+        log = "".join(f" iteration {i:8d}/       5 | elapsed time per iteration (ms): {t} |\n"
+                      for i, t in enumerate(logs[mode], 1))
+        return pm.MultiProcessRun(mode, cmd, 0, log, pm.iteration_times(log))
+
+    monkeypatch.setattr(pm, "run_one", fake_run)
+    assert cli_main(["profile", "--config", _launch(tmp_path), "--entry", ENTRY, "--steps", "3", "--warmup", "2",
+                     "--out", str(tmp_path / "o"), "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    residual, mhc = report["results"]
+    assert (residual["step_ms_median"], mhc["step_ms_median"]) == (11.0, 16.5)
+    assert mhc["overhead_percent"] == 50.0 and residual["tokens_per_s"] == round(2 * 32 / 0.011, 1)
+    assert report["processes"] == 2 and report["data"].startswith("mock") and report["device"] == "cpu"
+    assert json.loads((tmp_path / "o" / "profile.json").read_text()) == report
+
+
+def test_entry_is_refused_for_a_one_process_profile(tmp_path, capsys):
+    assert cli_main(["profile", "--entry", ENTRY, "--out", str(tmp_path)]) == 2
+    assert "--entry runs a launch of more than one process" in capsys.readouterr().err
