@@ -202,3 +202,16 @@ def test_json_report_from_the_runs_iteration_logs(tmp_path, capsys, monkeypatch)
 def test_entry_is_refused_for_a_one_process_profile(tmp_path, capsys):
     assert cli_main(["profile", "--entry", ENTRY, "--out", str(tmp_path)]) == 2
     assert "--entry runs a launch of more than one process" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("edit,modes,match", [
+    (("residual_mode: mhc", "residual_mode: residual"), None, "got modes residual,residual: set residual_mode: mhc"),
+    (None, "mhc,residual", "the profile compares hc or mhc against residual, got modes mhc,residual"),
+])
+def test_modes_are_residual_first_then_hc_or_mhc(tmp_path, edit, modes, match):
+    from mhc_megatron.bench.profile_multiprocess import profile_multiprocess
+
+    text = TP2_LAUNCH.replace(*edit) if edit else TP2_LAUNCH
+    with pytest.raises(ValueError, match=match):
+        profile_multiprocess(_launch(tmp_path, text), modes=tuple(modes.split(",")) if modes else None,
+                             entry=ENTRY, out_dir=str(tmp_path / "o"))
