@@ -173,8 +173,8 @@ def test_profile_of_a_launch_config_with_a_layer_override(tmp_path, capsys):
      "linear biases: megatron-core's shared experts take no bias .*add disable_bias_linear: true"),
     ("num_experts: 4, moe_token_dispatcher_type: flex", "", "moe_token_dispatcher_type flex does not run in one process"),
     ("hybrid_layer_pattern: '*E*-'", "", "hybrid_layer_pattern '\\*E\\*-' has MoE layers \\('E'\\) but no num_experts"),
-    ("", "tensor_model_parallel_size: 2", "tensor_model_parallel_size 2 needs 2 processes; mhc-megatron profile runs one "
-     "process: set tensor_model_parallel_size: 1 in a copy of the config"),
+    ("", "tensor_model_parallel_size: 2", "tensor_model_parallel_size 2 needs 2 processes; the profile's own model runs "
+     "in one process: set tensor_model_parallel_size: 1 in a copy of the config"),
     ("num_experts: 4", "expert_model_parallel_size: 4", "expert_model_parallel_size 4 needs 4 processes; .*set "
      "expert_model_parallel_size: 1 in a copy of the config"),
 ])

@@ -5,7 +5,8 @@ learned positions), so it takes from the launch what that model can reproduce (d
 heads, sequence, micro-batch, residual mode, n, mHC recompute; MoE layers; multi-latent
 attention; a hybrid layer pattern of attention, MLP and MoE layers, built as a HybridModel), lists
 every other model key it does not reproduce, and refuses what would change the measured step beyond
-that (multi-token prediction, other hybrid layers, more than one process).
+that (multi-token prediction, other hybrid layers, more than one process: the CLI runs a launch of
+more than one process for real instead, :mod:`.profile_multiprocess`).
 """
 
 from __future__ import annotations
@@ -144,9 +145,10 @@ def profile_config_from_launch(path: str, overrides: dict, device: str = "auto")
                              "the real run (mhc-pretrain-gpt --mhc-profile-ranges under nsys)")
     for key in PARALLEL:
         if int(cfg.get(key, 1)) > 1:
-            raise ValueError(f"--config {path}: {key} {cfg.get(key)} needs {cfg.get(key)} processes; mhc-megatron "
-                             f"profile runs one process: set {key}: 1 in a copy of the config to measure one GPU's "
-                             "share, or profile the real run (mhc-pretrain-gpt --mhc-profile-ranges under nsys)")
+            raise ValueError(f"--config {path}: {key} {cfg.get(key)} needs {cfg.get(key)} processes; the profile's "
+                             f"own model runs in one process: set {key}: 1 in a copy of the config to measure one "
+                             "GPU's share; mhc-megatron profile --config runs such a launch for real with torchrun "
+                             "(bench/profile_multiprocess.py)")
     mode = cfg.get("residual_mode", "residual")
     if mode == "residual":
         raise ValueError(f"--config {path}: residual_mode is residual; the profile compares hc or mhc against it: "
