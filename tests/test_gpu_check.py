@@ -19,7 +19,8 @@ def test_dry_run_lists_every_step_within_eight_minutes(capsys):
                  "bench kernels", "compile", "liger", "mhc_megatron.bench.stream_trace", "profile --device cuda",
                  "--recompute"):
         assert what in out, what
-    assert sum(step.timeout_s for step in gpu_check.steps("python")) <= 8 * 60 - 30  # room for setup
+    assert sum(step.timeout_s for step in gpu_check.steps("python") if step.min_gpus == 1) <= 8 * 60 - 30  # setup
+    assert "examples/small_moe/ep2_overlap.yaml" in out and "only with 2 GPUs" in out
 
 
 def test_the_script_runs_the_module_and_passes_its_arguments():
@@ -73,4 +74,13 @@ def test_stream_overlap_reads_a_chrome_trace():
     assert report["busy_us"] == 20 and report["overlapped_us"] == 6 and report["overlapped_fraction"] == 0.3
     lines = gpu_check._stream_table({**report, "steps": 3, "trace": "t.json"})
     assert "| 2 | [7] | [1, 7] | 20 | 6 us (30%) |" in lines
+
+
+def test_multiprocess_profile_table():
+    report = {"processes": 2, "layout": {"tp": 1, "pp": 1, "cp": 1, "ep": 2, "dp": 2}, "data": "mock data",
+              "timing": "Megatron's iteration log", "results": [
+                  {"mode": "residual", "step_ms_median": 100.0, "tokens_per_s": 1000.0, "overhead_percent": None},
+                  {"mode": "mhc", "step_ms_median": 105.0, "tokens_per_s": 952.4, "overhead_percent": 5.0}]}
+    lines = gpu_check._multiprocess_table(report)
+    assert "| residual | 100.00 | 1000 | - |" in lines and "| mhc | 105.00 | 952 | +5.0% |" in lines
 

@@ -103,6 +103,16 @@ def test_validate_config_small_examples(name):
     assert f"{name}/config.yaml: OK" in out.stdout
 
 
+@pytest.mark.slow
+def test_validate_config_takes_the_expert_parallel_overlap_example():
+    """--overlap-moe-expert-parallel-comm is a schedule choice megatron-core allows only with EP > 1;
+    the single-process meta-device build must not see it."""
+    path = os.path.join(ROOT, "examples", "small_moe", "ep2_overlap.yaml")
+    out = _cli("validate-config", path)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "ep2_overlap.yaml: OK" in out.stdout and "EP 2" in out.stdout
+
+
 def test_validate_config_exits_2_on_a_bad_layout(tmp_path):
     out = _cli("validate-config", _variant(tmp_path, **{"parallel__pipeline_model_parallel_size": 4, "cluster__nodes": 4}))
     assert out.returncode == 2 and "do not split evenly" in out.stderr

@@ -38,6 +38,7 @@ _NOT_FOR_META_BUILD = (
     "data_path", "train_data_path", "valid_data_path", "test_data_path", "tokenizer_type", "tokenizer_model",
     "mock_data", "split", "save", "load", "save_interval", "tensorboard_dir", "wandb_project",
     "wandb_exp_name", "wandb_save_dir", "moe_token_dispatcher_type", "use_flash_attn", "attention_backend",
+    "overlap_moe_expert_parallel_comm",  # a schedule choice that megatron-core allows only with EP > 1
 )
 GIB = 2**30
 
