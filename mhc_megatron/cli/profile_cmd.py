@@ -77,10 +77,7 @@ def run(args) -> int:
     report = run_profile(cfg, out_dir=args.out)
     if args.config:
         report["launch_config"], report["not_reproduced"] = args.config, notes
-    with open(os.path.join(args.out, "profile.json"), "w") as f:
-        json.dump(report, f, indent=1)
-    if args.json:
-        print(json.dumps(report))
+    if _save_report(report, args):
         return 0
     c = report["config"]
     if args.config:
@@ -121,10 +118,7 @@ def run_multiprocess(args, given: dict) -> int:
     except ProfileRunFailed as err:
         print(f"mhc-megatron profile: error: {err}", file=sys.stderr)
         return 1
-    with open(os.path.join(args.out, "profile.json"), "w") as f:
-        json.dump(report, f, indent=1)
-    if args.json:
-        print(json.dumps(report))
+    if _save_report(report, args):
         return 0
     lay = report["layout"]
     cpu = report["device"] == "cpu"
@@ -144,6 +138,15 @@ def run_multiprocess(args, given: dict) -> int:
         print(f"{r['mode']} run: {shlex.join(r['command'])}")
     print(f"logs: {', '.join(r['log'] for r in report['results'])}; report: {os.path.join(args.out, 'profile.json')}")
     return 0
+
+
+def _save_report(report: dict, args) -> bool:
+    """Write ``profile.json`` under ``--out``; with ``--json`` also print it (True: nothing else to print)."""
+    with open(os.path.join(args.out, "profile.json"), "w") as f:
+        json.dump(report, f, indent=1)
+    if args.json:
+        print(json.dumps(report))
+    return args.json
 
 
 def describe(model: dict) -> str:

@@ -306,7 +306,7 @@ class DualPipeV:
 
         handlers = {"post_recv": self._post_recv, "wait_recv": self._wait_recv, "wait_send": self._wait_send,
                     "run": self._run, "send": self._send, "wait_sends": self._wait_sends}
-        overlap = self.overlap and not forward_only
+        self.overlapping = overlap = self.overlap and not forward_only
         if overlap:
             from megatron.core.pipeline_parallel.utils import set_streams
 
@@ -326,7 +326,7 @@ class DualPipeV:
     # -- ops --------------------------------------------------------------------------------
 
     def _run(self, unit: tuple[Op, ...]) -> None:
-        if self.overlap and not self.forward_only:
+        if self.overlapping:
             self._combined(*unit)
         else:
             for op in unit:
@@ -403,8 +403,7 @@ class DualPipeV:
             # the forward's output leaves as soon as its last layer is done, while the backward's
             # last pieces still run (megatron-core calls this on its communication stream)
             def post_forward(out, vp_stage):
-                self.state.outbox[("act", early.stage, early.microbatch)] = out
-                self._send(early)
+                self._isend(early, out)
                 self.state.sent_early.add(early)
         with pipeline_rank_seen_as(seen_rank):
             output, tokens, input_grad = combined_forward_backward_step(
@@ -436,7 +435,9 @@ class DualPipeV:
         if m in self.state.sent_early:  # issued from inside its overlapped pair
             self.state.sent_early.discard(m)
             return
-        tensor = self.state.outbox.pop((m.kind, m.stage, m.microbatch))
+        self._isend(m, self.state.outbox.pop((m.kind, m.stage, m.microbatch)))
+
+    def _isend(self, m: Message, tensor: torch.Tensor) -> None:
         if tuple(tensor.shape) != self.shape:
             raise RuntimeError(
                 f"stage {m.stage - 1 if m.kind == 'act' else m.stage + 1} produced a {tuple(tensor.shape)} "

@@ -42,14 +42,13 @@ def trace_schedule_nodes(directory: str) -> None:
         return run_unit(runner, ops)
 
     DualPipeV._run = unit
-    send = DualPipeV._send
+    isend = DualPipeV._isend
 
-    def sent(runner, m):
-        if m not in runner.state.sent_early:  # not the no-op for a message its pair already sent
-            log(f"send {m.kind} {m.stage}.{m.microbatch}")
-        return send(runner, m)
+    def sent(runner, m, tensor):
+        log(f"send {m.kind} {m.stage}.{m.microbatch}")
+        return isend(runner, m, tensor)
 
-    DualPipeV._send = sent
+    DualPipeV._isend = sent
 
 
 def main() -> int:

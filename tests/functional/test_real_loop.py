@@ -149,7 +149,9 @@ def test_expert_parallel_overlap_computes_the_same_step(matrix):
 def _paired_units(trace: str) -> list[tuple[str, list[str]]]:
     """(unit, its schedule-node passes) for each overlapped F&B pair of a DualPipeV node trace."""
     units, current = [], None
-    for line in open(trace).read().splitlines():
+    with open(trace) as f:
+        lines = f.read().splitlines()
+    for line in lines:
         if line.startswith("unit "):
             current = (line[5:], []) if "&" in line else None
             if current:
